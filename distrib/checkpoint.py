@@ -1,0 +1,194 @@
+"""Checkpoints that are never half-written and resume exactly.
+
+Layout under ``<output_dir>/checkpoints/``::
+
+    latest                     text file naming the newest complete checkpoint (moved last)
+    step_00000200/             one checkpoint, published by an atomic rename of step_00000200.tmp/
+        mp_rank_00_model_states.pt, *_optim_states.pt   DeepSpeed engine state (each rank its ZeRO shard)
+        trainer_state.json     step, samples/tokens seen, world layout, config hash
+        rng/rank_00000.pt      RNG state of every rank
+        config.yaml            the resolved run config
+        tokenizer/             so that the checkpoint exports on its own
+        universal/             made on demand when resuming at another data-parallel size
+
+A crash at any point leaves either the previous ``latest`` or the new one, never a partial
+checkpoint behind ``latest``; stale ``*.tmp`` directories are removed at the next save.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from deepspeed.accelerator import get_accelerator
+
+from distrib.config import Config, ConfigError, config_diff
+from distrib.topology import Topology
+from distrib.utils import log_main
+
+UNIVERSAL_INFO = {"universal_checkpoint_info": {"universal_checkpoint_version": 0.4}}
+
+
+@dataclass
+class TrainState:
+    """What the loop needs, besides engine state, to continue exactly."""
+
+    step: int = 0
+    samples_seen: int = 0  # the global sample index: the data cursor
+    tokens_seen: int = 0
+    world_size: int = 1
+    dp: int = 1
+    tp: int = 1
+    zero_stage: int = 0
+    config_hash: str = ""
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The checkpoint ``latest`` names, or None when the run has none."""
+    marker = root / "latest"
+    if not marker.is_file():
+        return None
+    path = root / marker.read_text().strip()
+    return path if (path / "trainer_state.json").is_file() else None
+
+
+def read_state(path: Path) -> TrainState:
+    return TrainState(**json.loads((path / "trainer_state.json").read_text()))
+
+
+def check_resumable(cfg: Config) -> Path | None:
+    """Before anything starts: the checkpoint to resume from, refusing one made by another config.
+
+    Raises:
+        ConfigError: when the run-defining config differs from the checkpoint's.
+    """
+    if not cfg.checkpoint.resume:
+        return None
+    path = latest_checkpoint(Path(cfg.output_dir) / "checkpoints")
+    if path is None:
+        return None
+    saved = yaml.safe_load((path / "config.yaml").read_text())
+    diffs = config_diff(saved, cfg.model_dump(mode="json"))
+    if diffs:
+        shown = "; ".join(diffs[:3]) + (f"; and {len(diffs) - 3} more" if len(diffs) > 3 else "")
+        raise ConfigError(
+            f"{cfg.output_dir} holds a checkpoint of a different run ({shown}); restore those values, "
+            "or use a new output_dir, or set checkpoint.resume=false to start over"
+        )
+    return path
+
+
+def _rng_state() -> dict:
+    return {
+        "python": random.getstate(),
+        "torch": torch.get_rng_state(),
+        "accelerator": get_accelerator().get_rng_state(),
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    get_accelerator().set_rng_state(state["accelerator"])
+
+
+class Checkpointer:
+    """Saves and restores engine + trainer state under ``root``."""
+
+    def __init__(self, root: Path, topo: Topology, cfg: Config, tokenizer):
+        self.root, self.topo, self.cfg, self.tokenizer = root, topo, cfg, tokenizer
+
+    def save(self, engine, state: TrainState) -> Path:
+        name = f"step_{state.step:08d}"
+        final, tmp = self.root / name, self.root / f"{name}.tmp"
+        if self.topo.is_main:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for stale in self.root.glob("*.tmp"):
+                shutil.rmtree(stale, ignore_errors=True)
+        self.topo.barrier()
+        engine.save_checkpoint(str(self.root), tag=tmp.name, client_state=dict(UNIVERSAL_INFO), save_latest=False)
+        (tmp / "rng").mkdir(parents=True, exist_ok=True)
+        torch.save(_rng_state(), tmp / "rng" / f"rank_{self.topo.rank:05d}.pt")
+        self.topo.barrier()
+        if self.topo.is_main:
+            (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=1))
+            (tmp / "config.yaml").write_text(self.cfg.to_yaml())
+            self.tokenizer.save_pretrained(tmp / "tokenizer")
+            _fsync_tree(tmp)
+            if final.exists():  # a re-save of the same step (e.g. exit right after a periodic save)
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _atomic_write(self.root / "latest", name)
+            self._prune()
+        self.topo.barrier()
+        return final
+
+    def _prune(self) -> None:
+        done = sorted(p for p in self.root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+        for old in done[: -self.cfg.checkpoint.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def needs_universal(self, path: Path) -> bool:
+        """DeepSpeed cannot load ZeRO optimizer shards written at another data-parallel size."""
+        saved = read_state(path)
+        return saved.dp != self.topo.dp and any(path.glob("*optim_states.pt"))
+
+    def make_universal(self, path: Path) -> Path:
+        """Convert ``path`` to DeepSpeed's universal format (once; rank 0 converts, others wait)."""
+        out = path / "universal"
+        if self.topo.is_main and not (out / ".complete").exists():
+            log_main(f"converting {path.name} to a universal checkpoint (data-parallel size changed)")
+            tmp = path / "universal.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+                   "--input_folder", str(path), "--output_folder", str(tmp), "--num_extract_workers", "1",
+                   "--num_merge_workers", "1"]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"universal checkpoint conversion failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+            # The converter names its output after DeepSpeed's global_step tag; flatten it.
+            inner = [d for d in tmp.iterdir() if d.is_dir() and d.name.startswith("global_step")]
+            src = inner[0] if inner else tmp
+            shutil.rmtree(out, ignore_errors=True)
+            os.replace(src, out)
+            shutil.rmtree(tmp, ignore_errors=True)
+            (out / ".complete").touch()
+        self.topo.barrier()
+        return out
+
+    def load(self, engine, path: Path, universal: bool) -> TrainState:
+        """Restore engine state (from ``path/universal`` when ``universal``), then RNG and trainer state."""
+        load_dir, tag = (path, "universal") if universal else (self.root, path.name)
+        loaded, _ = engine.load_checkpoint(str(load_dir), tag=tag, load_module_strict=True)
+        if loaded is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint at {path}")
+        state = read_state(path)
+        rng = path / "rng" / f"rank_{self.topo.rank:05d}.pt"
+        if rng.is_file() and not universal:
+            _set_rng_state(torch.load(rng, weights_only=True))
+        return state
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_tree(path: Path) -> None:
+    for p in path.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())

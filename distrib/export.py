@@ -1,0 +1,68 @@
+"""Checkpoint -> a Hugging Face directory that ``transformers`` loads unchanged.
+
+Works offline from the checkpoint alone (it carries its config and tokenizer), so the same code
+serves ``distrib export CHECKPOINT OUT_DIR`` and the export at the end of a run. ZeRO shards are
+consolidated with DeepSpeed's own ``zero_to_fp32`` logic; weights are written as safetensors in the
+training precision.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from distrib.config import Config, ConfigError
+from distrib.model import hf_config
+from distrib.parallelize import torch_dtype
+
+
+def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
+    """Full fp32 weights from a DeepSpeed checkpoint directory, whatever the ZeRO stage."""
+    if any(ckpt.glob("*optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    # ZeRO-0 in fp32 keeps whole weights (and the optimizer) in the model-states file.
+    state = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    return {k: v.float() for k, v in state["module"].items()}
+
+
+def export_checkpoint(ckpt: Path, out_dir: Path) -> Path:
+    """Write ``out_dir`` (config.json, model.safetensors, tokenizer files) from checkpoint ``ckpt``.
+
+    Raises:
+        ConfigError: ``ckpt`` is not a checkpoint, or ``out_dir`` holds something other than an export.
+    """
+    ckpt, out_dir = Path(ckpt), Path(out_dir)
+    if not (ckpt / "trainer_state.json").is_file() or not (ckpt / "config.yaml").is_file():
+        raise ConfigError(f"{ckpt} is not a distrib checkpoint (no trainer_state.json); pass <output_dir>/checkpoints/step_N")
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "config.json").is_file():
+        raise ConfigError(f"{out_dir} exists and is not an earlier export; choose an empty or new directory")
+    cfg = Config.model_validate(yaml.safe_load((ckpt / "config.yaml").read_text()))
+    tokenizer = AutoTokenizer.from_pretrained(ckpt / "tokenizer")
+    hf_cfg = hf_config(cfg.model, vocab_size=len(tokenizer), seq_len=cfg.data.seq_len)
+    dtype = torch_dtype(cfg.precision)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_cfg)
+    state = consolidated_state_dict(ckpt)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    tied = {"lm_head.weight"} if hf_cfg.tie_word_embeddings else set()
+    if unexpected or set(missing) - tied:
+        raise RuntimeError(f"checkpoint {ckpt} does not match the model: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
+    model = model.to(dtype)
+    model.config.torch_dtype = dtype
+    model.config.use_cache = True
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return out_dir

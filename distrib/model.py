@@ -1,0 +1,111 @@
+"""Build plain Hugging Face causal LMs from :class:`~distrib.config.ModelConfig`.
+
+Model code knows nothing of distribution: parallelism is applied afterwards by
+:mod:`distrib.parallelize`. Under ZeRO-3 the model is built inside ``deepspeed.zero.Init`` so
+that no rank ever holds the whole model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, LlamaConfig, PretrainedConfig
+
+from distrib.config import ConfigError, ModelConfig
+
+
+def hf_config(cfg: ModelConfig, vocab_size: int | None = None, seq_len: int | None = None) -> PretrainedConfig:
+    """The ``transformers`` config for ``cfg`` (read from ``cfg.pretrained`` when set).
+
+    Args:
+        cfg: the model section.
+        vocab_size: the tokenizer's length, used when ``cfg.vocab_size`` is unset.
+        seq_len: the training context, used when ``cfg.max_position_embeddings`` is unset.
+    """
+    if cfg.pretrained:
+        path = Path(cfg.pretrained)
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"model.pretrained={cfg.pretrained!r} has no config.json; point it at a save_pretrained directory")
+        return AutoConfig.from_pretrained(path)
+    vocab = cfg.vocab_size or vocab_size
+    if vocab is None:
+        raise ConfigError("model.vocab_size is unknown: set it or let the tokenizer define it")
+    if cfg.vocab_size and vocab_size and cfg.vocab_size < vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's {vocab_size} tokens; "
+            "raise it or leave it unset to follow the tokenizer"
+        )
+    max_pos = cfg.max_position_embeddings or seq_len or 2048
+    if cfg.arch == "llama":
+        return LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=cfg.hidden_size,
+            intermediate_size=cfg.intermediate_size or _llama_ffn(cfg.hidden_size),
+            num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_heads,
+            num_key_value_heads=cfg.num_kv_heads or cfg.num_heads,
+            max_position_embeddings=max_pos,
+            rope_theta=cfg.rope_theta,
+            tie_word_embeddings=cfg.tie_embeddings,
+            attention_dropout=cfg.dropout,
+            initializer_range=cfg.init_std,
+            use_cache=False,
+        )
+    return GPT2Config(
+        vocab_size=vocab,
+        n_embd=cfg.hidden_size,
+        n_layer=cfg.num_layers,
+        n_head=cfg.num_heads,
+        n_inner=cfg.intermediate_size,
+        n_positions=max_pos,
+        resid_pdrop=cfg.dropout,
+        embd_pdrop=cfg.dropout,
+        attn_pdrop=cfg.dropout,
+        initializer_range=cfg.init_std,
+        tie_word_embeddings=cfg.tie_embeddings,
+        use_cache=False,
+    )
+
+
+def _llama_ffn(hidden: int) -> int:
+    """Llama's SwiGLU width: 2/3 of 4h, rounded up to a multiple of 256 (64 for tiny models)."""
+    width = int(8 * hidden / 3)
+    step = 256 if hidden >= 1024 else 64
+    return step * ((width + step - 1) // step)
+
+
+def build_model(cfg: ModelConfig, hf_cfg: PretrainedConfig, *, init_context=None, dtype=torch.float32):
+    """Instantiate the model: weights from ``cfg.pretrained`` or freshly initialised.
+
+    Args:
+        cfg: the model section.
+        hf_cfg: from :func:`hf_config`.
+        init_context: a context manager to build under (``deepspeed.zero.Init`` for ZeRO-3).
+        dtype: parameter dtype at construction.
+    """
+    ctx = init_context if init_context is not None else contextlib.nullcontext()
+    with ctx:
+        if cfg.pretrained:
+            model = AutoModelForCausalLM.from_pretrained(cfg.pretrained, config=hf_cfg, torch_dtype=dtype)
+        else:
+            model = AutoModelForCausalLM.from_config(hf_cfg, torch_dtype=dtype)
+    if cfg.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    return model
+
+
+def count_parameters(hf_cfg: PretrainedConfig) -> int:
+    """Parameter count without allocating weights (built on the meta device)."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_cfg)
+    return sum(p.numel() for p in model.parameters())
+
+
+def flops_per_token(hf_cfg: PretrainedConfig, n_params: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6N for the matmuls plus attention's 12·L·H·T (PaLM appendix B)."""
+    layers = getattr(hf_cfg, "num_hidden_layers", None) or hf_cfg.n_layer
+    hidden = getattr(hf_cfg, "hidden_size", None) or hf_cfg.n_embd
+    return 6.0 * n_params + 12.0 * layers * hidden * seq_len

@@ -1,0 +1,19 @@
+"""Pretraining: a freshly initialised (or locally loaded) causal LM, next-token loss, every weight trains."""
+
+from __future__ import annotations
+
+import torch
+
+from distrib.config import Config
+from distrib.model import build_model
+from distrib.trainer import causal_lm_loss
+
+
+class PretrainStage:
+    name = "pretrain"
+
+    def build_model(self, cfg: Config, hf_cfg, dtype: torch.dtype) -> torch.nn.Module:
+        return build_model(cfg.model, hf_cfg, dtype=dtype)
+
+    def objective(self):
+        return causal_lm_loss

@@ -1,0 +1,41 @@
+"""Start N local workers (and join a multi-node job) with torch's elastic agent.
+
+This is what ``distrib <stage> CONFIG --nproc-per-node N`` uses when no launcher started the
+process: the same agent as ``torchrun``, so workers that die are restarted (``--max-restarts``) and
+nodes meet through a c10d rendezvous (``--rdzv-endpoint HOST:PORT``).
+"""
+
+from __future__ import annotations
+
+import sys
+
+#: Signals the agent forwards to its workers; SIGUSR1 is Slurm's usual pre-preemption warning.
+FORWARDED_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+
+
+def torchrun_args(worker_argv: list[str], *, nproc_per_node: int, nnodes: int = 1, node_rank: int = 0,
+                  rdzv_endpoint: str | None = None, rdzv_id: str = "distrib", max_restarts: int = 0) -> list[str]:
+    """The ``torchrun`` command line (without the program name) that runs ``python -m distrib worker_argv``."""
+    args = ["--nproc-per-node", str(nproc_per_node), "--max-restarts", str(max_restarts),
+            "--signals-to-handle", FORWARDED_SIGNALS]
+    if nnodes == 1 and rdzv_endpoint is None:
+        args.append("--standalone")
+    else:
+        if rdzv_endpoint is None:
+            raise ValueError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (the host of node 0)")
+        args += ["--nnodes", str(nnodes), "--node-rank", str(node_rank), "--rdzv-backend", "c10d",
+                 "--rdzv-endpoint", rdzv_endpoint, "--rdzv-id", rdzv_id]
+    return args + ["-m", "distrib", *worker_argv]
+
+
+def run_local(worker_argv: list[str], **kwargs) -> int:
+    """Run the workers to completion under the elastic agent; returns a process exit code."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    try:
+        run(get_args_parser().parse_args(torchrun_args(worker_argv, **kwargs)))
+    except ChildFailedError as e:
+        print(f"distrib: a worker failed: {e.get_first_failure()[1].message}", file=sys.stderr)
+        return 1
+    return 0
