@@ -68,12 +68,12 @@ def main(argv: list[str] | None = None) -> int:
             print(export_checkpoint(args.checkpoint, args.out_dir))
             return 0
         cfg = load_config(args.config, args.overrides)
-        cfg.check_paths()
         if args.command == "plan":
             from distrib.plan import format_plan, plan
 
             print(format_plan(plan(cfg, args.world_size, args.gpus_per_node, args.gpu_memory_gib)))
             return 0
+        cfg.check_paths()
         return _train(args, cfg)
     except ConfigError as e:
         return _fail(str(e))

@@ -161,8 +161,10 @@ class CheckpointConfig(_Section):
 
 
 class EvalConfig(_Section):
+    """Validation loss every ``every_steps`` on the first ``max_samples`` blocks (the same set at any dp size)."""
+
     every_steps: int = Field(50, gt=0)
-    max_batches: int = Field(8, gt=0)
+    max_samples: int = Field(64, gt=0)
     at_start: bool = True
 
 

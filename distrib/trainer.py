@@ -130,9 +130,12 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean validation loss; every dp rank runs the same number of batches (ZeRO-3 forwards are collective)."""
+        """Mean validation loss over the first ``eval.max_samples`` blocks, whatever the dp size.
+
+        Every dp rank runs the same number of batches: under ZeRO-3 a forward is a collective.
+        """
         m, dp = self.cfg.train.micro_batch_size, self.topo.dp
-        n_batches = min(self.cfg.eval.max_batches, len(self.data.validation) // (m * dp))
+        n_batches = min(self.cfg.eval.max_samples, len(self.data.validation)) // (m * dp)
         self.engine.eval()
         total = torch.zeros((), device=self.device)
         for b in range(n_batches):
