@@ -35,7 +35,7 @@ from distrib.config import Config, ConfigError, config_diff
 from distrib.topology import Topology
 from distrib.utils import log_main
 
-UNIVERSAL_INFO = {"universal_checkpoint_info": {"universal_checkpoint_version": 0.4}}
+UNIVERSAL_KEY = "universal_checkpoint_info"
 
 
 @dataclass
@@ -115,7 +115,9 @@ class Checkpointer:
             for stale in self.root.glob("*.tmp"):
                 shutil.rmtree(stale, ignore_errors=True)
         self.topo.barrier()
-        engine.save_checkpoint(str(self.root), tag=tmp.name, client_state=dict(UNIVERSAL_INFO), save_latest=False)
+        # ds_to_universal needs this key; AutoTP writes a richer one of its own (its TP merge patterns).
+        client = {} if getattr(engine.module, UNIVERSAL_KEY, None) else {UNIVERSAL_KEY: {"universal_checkpoint_version": 0.4}}
+        engine.save_checkpoint(str(self.root), tag=tmp.name, client_state=client, save_latest=False)
         (tmp / "rng").mkdir(parents=True, exist_ok=True)
         torch.save(_rng_state(), tmp / "rng" / f"rank_{self.topo.rank:05d}.pt")
         self.topo.barrier()

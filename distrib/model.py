@@ -8,6 +8,8 @@ that no rank ever holds the whole model.
 from __future__ import annotations
 
 import contextlib
+import math
+import zlib
 from pathlib import Path
 
 import torch
@@ -76,12 +78,14 @@ def _llama_ffn(hidden: int) -> int:
     return step * ((width + step - 1) // step)
 
 
-def build_model(cfg: ModelConfig, hf_cfg: PretrainedConfig, *, init_context=None, dtype=torch.float32):
+def build_model(cfg: ModelConfig, hf_cfg: PretrainedConfig, *, seed: int = 0, init_context=None,
+                dtype=torch.float32):
     """Instantiate the model: weights from ``cfg.pretrained`` or freshly initialised.
 
     Args:
         cfg: the model section.
         hf_cfg: from :func:`hf_config`.
+        seed: seed of the initial weights (see :func:`init_weights`).
         init_context: a context manager to build under (``deepspeed.zero.Init`` for ZeRO-3).
         dtype: parameter dtype at construction.
     """
@@ -91,10 +95,38 @@ def build_model(cfg: ModelConfig, hf_cfg: PretrainedConfig, *, init_context=None
             model = AutoModelForCausalLM.from_pretrained(cfg.pretrained, config=hf_cfg, torch_dtype=dtype)
         else:
             model = AutoModelForCausalLM.from_config(hf_cfg, torch_dtype=dtype)
+    if not cfg.pretrained:
+        init_weights(model, cfg, seed)
     if cfg.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     return model
+
+
+def init_weights(model: torch.nn.Module, cfg: ModelConfig, seed: int) -> None:
+    """Initialise every parameter from its own name-seeded generator.
+
+    The weights then depend only on ``seed`` and the architecture, not on the order modules are
+    built in, the ZeRO stage (``zero.Init`` builds differently), the world size or tp: a run is
+    comparable across layouts from step 0. Same distributions as transformers' ``_init_weights``:
+    matrices N(0, init_std) (GPT-2's residual projections scaled by 1/sqrt(2 layers)), biases 0,
+    norm weights 1.
+    """
+    import deepspeed
+
+    n_layers = cfg.num_layers
+    for name, param in model.named_parameters():
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        partitioned = hasattr(param, "ds_id")
+        ctx = deepspeed.zero.GatheredParameters([param], modifier_rank=0) if partitioned else contextlib.nullcontext()
+        with ctx, torch.no_grad():
+            if param.ndim == 1:
+                param.fill_(0.0 if name.endswith("bias") else 1.0)
+                continue
+            std = cfg.init_std
+            if cfg.arch == "gpt2" and name.endswith("c_proj.weight"):
+                std /= math.sqrt(2 * n_layers)
+            param.copy_(torch.empty(param.shape, dtype=torch.float32).normal_(0.0, std, generator=gen))
 
 
 def count_parameters(hf_cfg: PretrainedConfig) -> int:

@@ -82,16 +82,10 @@ class Trainer:
             self.ckpt.make_universal(resume_from)
         ds_config = deepspeed_config(cfg, topo.world_size, load_universal=universal)
 
+        self.n_params = count_parameters(self.hf_cfg)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank and world size
         dtype = torch_dtype(cfg.precision)
-        self._hf_ds = None
-        if cfg.parallel.zero_stage == 3:
-            # Keeps transformers building (and loading) under deepspeed.zero.Init: no rank holds the full model.
-            from transformers.integrations import HfDeepSpeedConfig
-
-            self._hf_ds = HfDeepSpeedConfig(ds_config)
-        model = stage.build_model(cfg, self.hf_cfg, dtype)
-        self.n_params = count_parameters(self.hf_cfg)
+        model = self._build_model(ds_config, dtype)
         self.engine = build_engine(model, cfg, topo, ds_config)
         self.objective = stage.objective()
 
@@ -123,6 +117,21 @@ class Trainer:
             f"ZeRO-{cfg.parallel.zero_stage}, {cfg.precision}, grad accum {cfg.grad_accum_steps(topo.world_size)}, "
             f"{len(self.data.train)} train blocks of {cfg.data.seq_len} tokens"
         )
+
+    def _build_model(self, ds_config: dict, dtype: torch.dtype) -> torch.nn.Module:
+        if self.cfg.parallel.zero_stage != 3:
+            return self.stage.build_model(self.cfg, self.hf_cfg, dtype)
+        # While an HfDeepSpeedConfig is registered, transformers builds (and loads) models under
+        # deepspeed.zero.Init, so no rank ever holds the full model. Only for this build: later
+        # models (the export's) must be plain.
+        from transformers.integrations import HfDeepSpeedConfig
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        hf_ds = HfDeepSpeedConfig(ds_config)  # noqa: F841 (registered through a weak reference)
+        try:
+            return self.stage.build_model(self.cfg, self.hf_cfg, dtype)
+        finally:
+            unset_hf_deepspeed_config()
 
     # -- pieces of the loop -------------------------------------------------------------------------
     def _batch(self, indices) -> dict:

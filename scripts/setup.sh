@@ -15,13 +15,14 @@ python -m pip install -q --upgrade pip
 python -c "import torch" 2>/dev/null || python -m pip install -q "$TORCH_SPEC"
 python -m pip install -q -e ".[test]"
 
-# DeepSpeed JIT-compiles a shared-memory collective the first time a process group starts on CPU
-# (minutes on 2 cores, then cached in ~/.cache/torch_extensions). Build it once here, in one
-# process, instead of inside the first training run.
+# DeepSpeed JIT-compiles its CPU ops (the shared-memory collective, fused Adam, and the CPU Adam
+# used with optimizer offload) the first time a run needs them: minutes on 2 cores, then cached in
+# ~/.cache/torch_extensions. Build them once here, in one process, instead of inside a training run.
 python - <<'PY'
 from deepspeed.accelerator import get_accelerator
-builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
-if builder is not None and builder.is_compatible():
-    builder.load(verbose=False)
+for name in ("ShareMemCommBuilder", "FusedAdamBuilder", "CPUAdamBuilder"):
+    builder = get_accelerator().create_op_builder(name)
+    if builder is not None and builder.is_compatible():
+        builder.load(verbose=False)
 PY
 echo "distrib: environment ready in .venv"

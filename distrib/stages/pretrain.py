@@ -13,7 +13,7 @@ class PretrainStage:
     name = "pretrain"
 
     def build_model(self, cfg: Config, hf_cfg, dtype: torch.dtype) -> torch.nn.Module:
-        return build_model(cfg.model, hf_cfg, dtype=dtype)
+        return build_model(cfg.model, hf_cfg, seed=cfg.seed, dtype=dtype)
 
     def objective(self):
         return causal_lm_loss
