@@ -7,6 +7,7 @@ nodes meet through a c10d rendezvous (``--rdzv-endpoint HOST:PORT``).
 
 from __future__ import annotations
 
+import os
 import sys
 
 #: Signals the agent forwards to its workers; SIGUSR1 is Slurm's usual pre-preemption warning.
@@ -33,6 +34,13 @@ def run_local(worker_argv: list[str], **kwargs) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
+    # Since torch 2.5 the c10d rendezvous lets the workers share the agent's TCPStore, and the agent
+    # keeps that store across worker restarts: restarted workers then read the previous attempt's
+    # process-group keys (gloo/NCCL addresses of dead ranks) and fail with "connection refused", so
+    # --max-restarts could never succeed (pytorch/pytorch#135712; reproduced with torch 2.13 and plain
+    # torchrun). Rank 0 then hosts a fresh store per attempt, as before torch 2.5. Every node of a job
+    # must agree on this, hence unconditional; an explicit value in the environment wins.
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     try:
         run(get_args_parser().parse_args(torchrun_args(worker_argv, **kwargs)))
     except ChildFailedError as e:
