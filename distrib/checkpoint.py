@@ -27,13 +27,16 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import torch
 import yaml
-from deepspeed.accelerator import get_accelerator
 
 from distrib.config import Config, ConfigError, config_diff
-from distrib.topology import Topology
 from distrib.utils import log_main
+
+if TYPE_CHECKING:
+    from distrib.topology import Topology
 
 UNIVERSAL_KEY = "universal_checkpoint_info"
 
@@ -88,6 +91,8 @@ def check_resumable(cfg: Config) -> Path | None:
 
 
 def _rng_state() -> dict:
+    from deepspeed.accelerator import get_accelerator
+
     return {
         "python": random.getstate(),
         "torch": torch.get_rng_state(),
@@ -96,6 +101,8 @@ def _rng_state() -> dict:
 
 
 def _set_rng_state(state: dict) -> None:
+    from deepspeed.accelerator import get_accelerator
+
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
     get_accelerator().set_rng_state(state["accelerator"])
@@ -104,7 +111,7 @@ def _set_rng_state(state: dict) -> None:
 class Checkpointer:
     """Saves and restores engine + trainer state under ``root``."""
 
-    def __init__(self, root: Path, topo: Topology, cfg: Config, tokenizer):
+    def __init__(self, root: Path, topo: "Topology", cfg: Config, tokenizer):
         self.root, self.topo, self.cfg, self.tokenizer = root, topo, cfg, tokenizer
 
     def save(self, engine, state: TrainState) -> Path:
@@ -145,27 +152,11 @@ class Checkpointer:
         return saved.dp != self.topo.dp and any(path.glob("*optim_states.pt"))
 
     def make_universal(self, path: Path) -> Path:
-        """Convert ``path`` to DeepSpeed's universal format (once; rank 0 converts, others wait)."""
-        out = path / "universal"
-        if self.topo.is_main and not (out / ".complete").exists():
-            log_main(f"converting {path.name} to a universal checkpoint (data-parallel size changed)")
-            tmp = path / "universal.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
-                   "--input_folder", str(path), "--output_folder", str(tmp), "--num_extract_workers", "1",
-                   "--num_merge_workers", "1"]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise RuntimeError(f"universal checkpoint conversion failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-            # The converter names its output after DeepSpeed's global_step tag; flatten it.
-            inner = [d for d in tmp.iterdir() if d.is_dir() and d.name.startswith("global_step")]
-            src = inner[0] if inner else tmp
-            shutil.rmtree(out, ignore_errors=True)
-            os.replace(src, out)
-            shutil.rmtree(tmp, ignore_errors=True)
-            (out / ".complete").touch()
+        """Convert ``path`` to DeepSpeed's universal format (rank 0 converts, the others wait)."""
+        if self.topo.is_main:
+            convert_to_universal(path)
         self.topo.barrier()
-        return out
+        return path / "universal"
 
     def load(self, engine, path: Path, universal: bool) -> TrainState:
         """Restore engine state (from ``path/universal`` when ``universal``), then RNG and trainer state."""
@@ -178,6 +169,29 @@ class Checkpointer:
         if rng.is_file() and not universal:
             _set_rng_state(torch.load(rng, weights_only=True))
         return state
+
+
+def convert_to_universal(path: Path) -> Path:
+    """DeepSpeed's universal checkpoint of ``path`` in ``path/universal`` (made once, atomically).
+
+    It holds every parameter whole (ZeRO shards and tensor-parallel slices merged) with its optimizer
+    state, so it loads at any data-parallel size and exports without the original layout.
+    """
+    out = path / "universal"
+    if (out / ".complete").exists():
+        return out
+    log_main(f"converting {path.name} to a universal checkpoint")
+    tmp = path / "universal.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path),
+           "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"universal checkpoint conversion of {path} failed:\n{proc.stderr[-4000:]}")
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    (out / ".complete").touch()
+    return out
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -149,6 +149,11 @@ class ParallelConfig(_Section):
     def _check(self) -> "ParallelConfig":
         if self.offload_optimizer and self.zero_stage == 0:
             raise ConfigError("parallel.offload_optimizer needs parallel.zero_stage >= 1")
+        if self.tp > 1 and self.zero_stage == 3:
+            raise ConfigError(
+                f"parallel.tp={self.tp} with parallel.zero_stage=3 is not supported (its checkpoints cannot be "
+                "consolidated); use parallel.zero_stage=1 or 2 with tensor parallelism, or parallel.tp=1"
+            )
         if self.offload_params and self.zero_stage != 3:
             raise ConfigError("parallel.offload_params needs parallel.zero_stage=3")
         return self
@@ -218,6 +223,14 @@ class Config(_Section):
         tp = self.parallel.tp
         if world_size % tp:
             raise ConfigError(f"parallel.tp={tp} does not divide the world size {world_size}; use a tp that divides it")
+        if tp > 1:
+            heads, kv = self._head_counts()
+            for key, n in (("num_heads", heads), ("num_kv_heads", kv)):
+                if n % tp:
+                    raise ConfigError(
+                        f"parallel.tp={tp} does not divide model.{key}={n}; tensor parallelism splits attention "
+                        f"heads across ranks, so pick a tp that divides {n}"
+                    )
         dp = world_size // tp
         per_step = self.train.micro_batch_size * dp
         if self.train.global_batch_size % per_step:
@@ -226,6 +239,15 @@ class Config(_Section):
                 f"x data-parallel size = {self.train.micro_batch_size} x {dp} = {per_step}; "
                 f"set train.global_batch_size to a multiple of {per_step}"
             )
+
+    def _head_counts(self) -> tuple[int, int]:
+        """(attention heads, key/value heads), read from ``model.pretrained`` when set."""
+        if self.model.pretrained:
+            cfg_file = Path(self.model.pretrained) / "config.json"
+            raw = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+            heads = raw.get("num_attention_heads") or raw.get("n_head") or 1
+            return heads, raw.get("num_key_value_heads") or heads
+        return self.model.num_heads, self.model.num_kv_heads or self.model.num_heads
 
     def check_paths(self) -> None:
         """Checks that the files the run reads exist; run before any process group is made."""

@@ -97,6 +97,7 @@ def build_engine(model: torch.nn.Module, cfg: Config, topo: Topology, ds_config:
         model_parameters=params,
         config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)),
+        # With tp > 1 DeepSpeed must count batch sizes over the dp axis only (our Topology is its mpu).
         mpu=topo if topo.tp > 1 else None,
     )
     return engine

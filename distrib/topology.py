@@ -83,7 +83,21 @@ class Topology:
             group = dist.new_group(ranks)
             if rank in ranks:
                 topo.dp_group = group
+        if tp > 1:
+            topo._share_with_deepspeed()
         return topo
+
+    def _share_with_deepspeed(self) -> None:
+        """Hand our groups to DeepSpeed, whose AutoTP would otherwise make its own mesh.
+
+        ``deepspeed.utils.groups._init_tp_mesh_device`` returns early when these are set; the
+        layout it would build, a (dp, tp) mesh with tp fastest, is the same as ours.
+        """
+        from deepspeed.utils import groups
+
+        groups._TENSOR_MODEL_PARALLEL_GROUP = self.tp_group
+        groups._MODEL_PARALLEL_GROUP = self.tp_group
+        groups._DATA_PARALLEL_GROUP = self.dp_group
 
     def barrier(self) -> None:
         dist.barrier()

@@ -112,6 +112,7 @@ class Trainer:
         if cfg.data.trace_samples:
             (self.out / "trace").mkdir(parents=True, exist_ok=True)
             self.trace = open(self.out / "trace" / f"samples-rank{topo.rank:05d}.jsonl", "a", buffering=1)
+        self._write_layout()
         log_main(
             f"{stage.name}: {self.n_params / 1e6:.2f}M params, world={topo.world_size} (dp={topo.dp} x tp={topo.tp}), "
             f"ZeRO-{cfg.parallel.zero_stage}, {cfg.precision}, grad accum {cfg.grad_accum_steps(topo.world_size)}, "
@@ -127,11 +128,31 @@ class Trainer:
         from transformers.integrations import HfDeepSpeedConfig
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-        hf_ds = HfDeepSpeedConfig(ds_config)  # noqa: F841 (registered through a weak reference)
+        # zero.Init validates batch sizes against the whole world; with tp > 1 the engine counts the
+        # dp axis only, so leave the global batch for DeepSpeed to derive here.
+        init_cfg = {k: v for k, v in ds_config.items() if k != "train_batch_size"}
+        hf_ds = HfDeepSpeedConfig(init_cfg)  # noqa: F841 (registered through a weak reference)
         try:
             return self.stage.build_model(self.cfg, self.hf_cfg, dtype)
         finally:
             unset_hf_deepspeed_config()
+
+    def _write_layout(self) -> None:
+        """``<output_dir>/layout.json``: what every rank holds (parameter elements and bytes, by name)."""
+        import torch.distributed as dist
+
+        local = {n: p.ds_tensor if hasattr(p, "ds_tensor") else p for n, p in self.engine.module.named_parameters()}
+        mine = {"rank": self.topo.rank, "dp_rank": self.topo.dp_rank, "tp_rank": self.topo.tp_rank,
+                "param_numel": sum(t.numel() for t in local.values()),
+                "param_bytes": sum(t.numel() * t.element_size() for t in local.values()),
+                "params": {n: t.numel() for n, t in local.items()}}
+        ranks = [None] * self.topo.world_size
+        dist.all_gather_object(ranks, mine)
+        if self.topo.is_main:
+            layout = {"world_size": self.topo.world_size, "dp": self.topo.dp, "tp": self.topo.tp,
+                      "zero_stage": self.cfg.parallel.zero_stage, "total_params": self.n_params, "ranks": ranks}
+            (self.out / "layout.json").write_text(json.dumps(layout, indent=1))
+            log_main(f"parameters per rank: {mine['param_numel'] / 1e6:.2f}M elements, {mine['param_bytes'] / 2**20:.1f} MiB")
 
     # -- pieces of the loop -------------------------------------------------------------------------
     def _batch(self, indices) -> dict:
