@@ -20,6 +20,7 @@ from distrib.checkpoint import convert_to_universal, read_state
 from distrib.config import Config, ConfigError
 from distrib.model import hf_config
 from distrib.parallelize import torch_dtype
+from distrib.tensor_parallel import to_hf_layout
 
 
 def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -28,8 +29,10 @@ def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
         # Tensor-parallel slices are merged by DeepSpeed's universal converter (using the merge
         # patterns AutoTP saved with the checkpoint); it leaves one whole fp32 tensor per parameter.
         zero = convert_to_universal(ckpt) / "zero"
-        return {d.name: torch.load(d / "fp32.pt", map_location="cpu", weights_only=True)["param"]
-                for d in sorted(zero.iterdir()) if (d / "fp32.pt").is_file()}
+        state = {d.name: torch.load(d / "fp32.pt", map_location="cpu", weights_only=True)["param"]
+                 for d in sorted(zero.iterdir()) if (d / "fp32.pt").is_file()}
+        cfg = Config.model_validate(yaml.safe_load((ckpt / "config.yaml").read_text()))
+        return to_hf_layout(state, cfg)
     if any(ckpt.glob("*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

@@ -23,6 +23,7 @@ from distrib.data import GlobalBatchSampler, collate, prepare_data
 from distrib.metrics import MetricsLogger, measure_peak_tflops
 from distrib.model import count_parameters, flops_per_token, hf_config
 from distrib.parallelize import build_engine, deepspeed_config, torch_dtype
+from distrib.tensor_parallel import apply_plan
 from distrib.topology import Topology
 from distrib.utils import log_main
 
@@ -86,6 +87,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank and world size
         dtype = torch_dtype(cfg.precision)
         model = self._build_model(ds_config, dtype)
+        if topo.tp > 1:
+            ds_config = apply_plan(model, cfg, ds_config)
         self.engine = build_engine(model, cfg, topo, ds_config)
         self.objective = stage.objective()
 
