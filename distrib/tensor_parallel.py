@@ -3,23 +3,153 @@
 Llama-family models are split by AutoTP's built-in rules (q/k/v, gate/up column-parallel;
 o/down row-parallel). Architectures AutoTP does not train are prepared here before the engine
 is built, and their weights are put back into the Hugging Face layout on export.
+
+GPT-2
+-----
+AutoTP's training path refuses GPT-2: its projections are ``transformers.pytorch_utils.Conv1D``
+(weight ``[in, out]``) and its attention projects q, k and v with one fused ``c_attn``. Before the
+engine is built, :func:`apply_plan` therefore
+
+* replaces every block ``Conv1D`` (``attn.c_attn``, ``attn.c_proj``, ``mlp.c_fc``, ``mlp.c_proj``)
+  by the equivalent ``nn.Linear`` (weight transposed to ``[out, in]``, same values, same bias) under
+  the same attribute, so parameter names (``...attn.c_attn.weight``) do not change;
+* tells ``GPT2Attention`` the per-rank width of q, k and v (``split_size``), the one attribute its
+  forward uses that depends on the full width (``head_dim`` stays; the heads are ``-1`` in its
+  reshapes). AutoTP itself shards ``num_heads``/``embed_dim`` of the modules whose weights it split;
+* returns a DeepSpeed config whose ``tensor_parallel.partition_config`` is DeepSpeed's configurable
+  AutoTP plan: ``c_attn`` column-parallel as three sub-parameters ``[q; k; v]`` (``shape [3, -1]``,
+  each split on head boundaries, so every rank holds the same heads of q, k and v), ``c_fc``
+  column-parallel, both ``c_proj`` row-parallel (all-reduce after the matmul, bias added once).
+  A custom plan takes precedence over the HF ``tp_plan`` and over AutoTP's heuristics (and their
+  "not supported" assertion) in ``DeepSpeedEngine._apply_autotp_partitioning``.
+
+AutoTP records the same plan as the checkpoint's universal-checkpoint metadata, so DeepSpeed's
+universal converter merges the slices (``c_attn`` per sub-parameter) into whole ``nn.Linear``
+weights; :func:`to_hf_layout` transposes them back to ``Conv1D``'s ``[in, out]``.
 """
 
 from __future__ import annotations
 
+import copy
+import json
+import re
+from pathlib import Path
+
 import torch
 
 from distrib.config import Config
+
+#: GPT-2 block projections (relative to a block): column-parallel, fused-qkv column, row-parallel.
+_GPT2_COLUMN = ("mlp.c_fc",)
+_GPT2_QKV = ("attn.c_attn",)
+_GPT2_ROW = ("attn.c_proj", "mlp.c_proj")
+_GPT2_PROJECTIONS = _GPT2_QKV + _GPT2_COLUMN + _GPT2_ROW
+#: Parameter names of those projections' weights in a GPT-2 state dict (any prefix).
+_GPT2_WEIGHT_RE = re.compile(r"(^|\.)h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
+
+
+def _model_type(model: torch.nn.Module) -> str | None:
+    return getattr(getattr(model, "config", None), "model_type", None)
+
+
+def _cfg_is_gpt2(cfg: Config) -> bool:
+    """Whether ``cfg`` describes a GPT-2 model (read from ``model.pretrained`` when set)."""
+    if cfg.model.pretrained:
+        cfg_file = Path(cfg.model.pretrained) / "config.json"
+        if cfg_file.is_file():
+            return json.loads(cfg_file.read_text()).get("model_type") == "gpt2"
+    return cfg.model.arch == "gpt2"
 
 
 def apply_plan(model: torch.nn.Module, cfg: Config, ds_config: dict) -> dict:
     """Prepare ``model`` for tensor parallelism and return the DeepSpeed config to use.
 
     Called after the model is built and before the engine is, only when ``parallel.tp > 1``.
+    Llama-family models are left to AutoTP's defaults (``ds_config`` is returned as is).
     """
-    return ds_config
+    if _model_type(model) != "gpt2":
+        return ds_config
+    _gpt2_to_linear(model, cfg.parallel.tp)
+    ds = copy.deepcopy(ds_config)
+    ds.setdefault("tensor_parallel", {"autotp_size": cfg.parallel.tp})
+    ds["tensor_parallel"]["partition_config"] = gpt2_partition_config()
+    return ds
+
+
+def gpt2_partition_config() -> dict:
+    """DeepSpeed's configurable-AutoTP plan for a GPT-2 whose block projections are ``nn.Linear``."""
+
+    def patterns(names):
+        return [rf".*\.h\.\d+\.{re.escape(n)}\.weight$" for n in names]
+
+    return {
+        "use_default_specs": False,
+        # Anything else (embeddings, layer norms, lm_head) stays replicated.
+        "strict_mode": False,
+        "layer_specs": [
+            # [q; k; v] along the output dim: split each of the three on head boundaries.
+            {"patterns": patterns(_GPT2_QKV), "partition_type": "column", "shape": [3, -1], "partition_dim": 0},
+            {"patterns": patterns(_GPT2_COLUMN), "partition_type": "column"},
+            {"patterns": patterns(_GPT2_ROW), "partition_type": "row"},
+        ],
+    }
+
+
+def _gpt2_to_linear(model: torch.nn.Module, tp: int) -> None:
+    """Replace the GPT-2 blocks' ``Conv1D`` projections by equal ``nn.Linear`` modules, in place."""
+    import deepspeed
+    from transformers.pytorch_utils import Conv1D
+
+    blocks = [m for m in model.modules() if type(m).__name__ == "GPT2Block"]
+    if not blocks:
+        raise NotImplementedError(f"tensor parallelism for {type(model).__name__}: no GPT2Block found")
+    for block in blocks:
+        attn = block.attn
+        if getattr(attn, "is_cross_attention", False) or hasattr(block, "crossattention"):
+            raise NotImplementedError("tensor parallelism for GPT-2 with cross-attention is not supported")
+        if attn.num_heads % tp or attn.embed_dim % tp:
+            raise ValueError(f"parallel.tp={tp} does not divide GPT-2's {attn.num_heads} heads")
+        for path in _GPT2_PROJECTIONS:
+            parent_name, attr = path.split(".")
+            parent = getattr(block, parent_name)
+            conv = getattr(parent, attr)
+            if isinstance(conv, torch.nn.Linear):
+                continue  # already converted
+            if not isinstance(conv, Conv1D):
+                raise NotImplementedError(f"GPT-2 {path} is a {type(conv).__name__}, expected Conv1D")
+            setattr(parent, attr, _conv1d_as_linear(conv, deepspeed))
+        # q, k and v each hold this rank's heads only: split the fused output at the per-rank width.
+        attn.split_size = attn.embed_dim // tp
+
+
+def _conv1d_as_linear(conv: torch.nn.Module, deepspeed) -> torch.nn.Linear:
+    """``nn.Linear`` computing what ``conv`` does: weight ``[in, out]`` -> ``[out, in]``, same bias."""
+    params = [conv.weight] + ([conv.bias] if conv.bias is not None else [])
+    partitioned = any(hasattr(p, "ds_id") for p in params)  # built under zero.Init (ZeRO-3)
+    if partitioned:
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            weight, bias = conv.weight.data.clone(), None if conv.bias is None else conv.bias.data.clone()
+    else:
+        weight, bias = conv.weight.data, None if conv.bias is None else conv.bias.data
+    n_in, n_out = weight.shape
+    with torch.device("meta"):
+        linear = torch.nn.Linear(n_in, n_out, bias=bias is not None)
+    linear.weight = torch.nn.Parameter(weight.t().contiguous(), requires_grad=conv.weight.requires_grad)
+    if bias is not None:
+        if partitioned:
+            linear.bias = torch.nn.Parameter(bias, requires_grad=conv.bias.requires_grad)
+        else:
+            linear.bias = conv.bias  # the same parameter object
+    return linear
 
 
 def to_hf_layout(state: dict[str, torch.Tensor], cfg: Config) -> dict[str, torch.Tensor]:
-    """Map a consolidated tensor-parallel state dict back to the model's Hugging Face layout."""
-    return state
+    """Map a consolidated tensor-parallel state dict back to the model's Hugging Face layout.
+
+    ``state`` holds whole tensors named like the training model's parameters. For GPT-2 trained
+    with ``tp > 1`` the block projections were ``nn.Linear`` (``[out, in]``); ``Conv1D`` wants
+    ``[in, out]``.
+    """
+    if cfg.parallel.tp <= 1 or not _cfg_is_gpt2(cfg):
+        return state
+    return {name: (t.t().contiguous() if _GPT2_WEIGHT_RE.search(name) else t) for name, t in state.items()}

@@ -36,10 +36,20 @@ def reference(tmp_path_factory, data_cache):
     return out
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_zero_stage_on_2_processes_matches_1_process(tmp_path, data_cache, reference, stage):
+ZERO_LAYOUTS = {
+    "zero0": ["parallel.zero_stage=0"],
+    "zero1": ["parallel.zero_stage=1"],
+    "zero2": ["parallel.zero_stage=2"],
+    "zero3": ["parallel.zero_stage=3"],
+    "zero2-offload-optimizer": ["parallel.zero_stage=2", "parallel.offload_optimizer=true"],
+    "zero3-offload-all": ["parallel.zero_stage=3", "parallel.offload_optimizer=true", "parallel.offload_params=true"],
+}
+
+
+@pytest.mark.parametrize("layout", ZERO_LAYOUTS)
+def test_zero_stage_on_2_processes_matches_1_process(tmp_path, data_cache, reference, layout):
     out = tmp_path / "run"
-    run_distrib(*small(out, data_cache, f"parallel.zero_stage={stage}"), nproc=2)
+    run_distrib(*small(out, data_cache, *ZERO_LAYOUTS[layout]), nproc=2)
     ref, got = losses(reference), losses(out)
     assert sorted(got) == list(range(1, 7))
     np.testing.assert_allclose([got[s] for s in sorted(got)], [ref[s] for s in sorted(ref)], rtol=RTOL)
