@@ -1,0 +1,75 @@
+"""Checkpoints are published atomically: a crash mid-save never leaves `latest` on a partial one."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from distrib.checkpoint import Checkpointer, TrainState, latest_checkpoint
+from distrib.config import load_config
+from tests.helpers import TINY
+
+
+class _Topo:
+    rank, is_main, tp, dp = 0, True, 1, 1
+
+    def barrier(self):
+        pass
+
+
+class _Tokenizer:
+    def save_pretrained(self, path):
+        Path(path).mkdir(parents=True, exist_ok=True)
+        (Path(path) / "tokenizer.json").write_text("{}")
+
+
+class _Engine:
+    """Writes a shard file the way DeepSpeed does (under root/tag), optionally dying half-way."""
+
+    module = object()
+
+    def __init__(self, crash=False):
+        self.crash = crash
+
+    def save_checkpoint(self, root, tag, client_state, save_latest):
+        assert save_latest is False and "universal_checkpoint_info" in client_state
+        d = Path(root) / tag
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "mp_rank_00_model_states.pt").write_bytes(b"partial" if self.crash else b"whole")
+        if self.crash:
+            raise KeyboardInterrupt("killed mid-save")
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    cfg = load_config(TINY, [f"output_dir={tmp_path}", "checkpoint.keep_last=2"])
+    return Checkpointer(tmp_path / "checkpoints", _Topo(), cfg, _Tokenizer())
+
+
+def test_crash_mid_save_keeps_latest_on_the_previous_complete_checkpoint(ckpt):
+    ckpt.save(_Engine(), TrainState(step=10))
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save(_Engine(crash=True), TrainState(step=20))
+    assert latest_checkpoint(ckpt.root).name == "step_00000010"
+    assert not (ckpt.root / "step_00000020").exists()
+    assert (ckpt.root / "step_00000020.tmp").exists()  # the debris, never named by latest
+    # the next save removes the debris and publishes
+    ckpt.save(_Engine(), TrainState(step=20))
+    assert latest_checkpoint(ckpt.root).name == "step_00000020"
+    assert not list(ckpt.root.glob("*.tmp"))
+    state = json.loads((ckpt.root / "step_00000020" / "trainer_state.json").read_text())
+    assert state["step"] == 20
+
+
+def test_keep_last_prunes_the_oldest_checkpoints(ckpt):
+    for step in (5, 10, 15, 20):
+        ckpt.save(_Engine(), TrainState(step=step))
+    assert sorted(p.name for p in ckpt.root.glob("step_*")) == ["step_00000015", "step_00000020"]
+    assert (ckpt.root / "latest").read_text() == "step_00000020"
+
+
+def test_latest_naming_a_missing_checkpoint_is_ignored(tmp_path):
+    root = tmp_path / "checkpoints"
+    root.mkdir()
+    (root / "latest").write_text("step_00000099")
+    assert latest_checkpoint(root) is None
