@@ -107,11 +107,15 @@ class Topology:
         dist.all_reduce(value, group=self.dp_group)
         return value / self.dp
 
+    def max(self, value: float) -> float:
+        """The largest ``value`` over all ranks, on every rank."""
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t.item())
+
     def any(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is true on any rank (used for stop requests)."""
-        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item() > 0)
+        return self.max(1.0 if flag else 0.0) > 0
 
     # -- DeepSpeed "mpu" interface ---------------------------------------------------------------
     def get_data_parallel_group(self):

@@ -106,7 +106,7 @@ class Trainer:
         self.device = topo.device
         self.tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
         self.flops_per_token = flops_per_token(self.hf_cfg, self.n_params, cfg.data.seq_len)
-        peak = cfg.metrics.peak_tflops or measure_peak_tflops(dtype)
+        peak = cfg.metrics.peak_tflops or topo.max(measure_peak_tflops(dtype))  # the devices are alike: take the best
         self.peak_flops = peak * 1e12 * topo.world_size
         self.metrics = MetricsLogger(self.out, topo.is_main, tensorboard=cfg.metrics.tensorboard,
                                      progress_bar=cfg.metrics.progress_bar, total_steps=cfg.train.max_steps,
