@@ -71,8 +71,9 @@ def apply_plan(model: torch.nn.Module, cfg: Config, ds_config: dict) -> dict:
         return ds_config
     _gpt2_to_linear(model, cfg.parallel.tp)
     ds = copy.deepcopy(ds_config)
-    ds.setdefault("tensor_parallel", {"autotp_size": cfg.parallel.tp})
-    ds["tensor_parallel"]["partition_config"] = gpt2_partition_config()
+    tp_section = ds.setdefault("tensor_parallel", {"autotp_size": cfg.parallel.tp})
+    # A plan given explicitly under ``deepspeed.tensor_parallel.partition_config`` wins.
+    tp_section.setdefault("partition_config", gpt2_partition_config())
     return ds
 
 
