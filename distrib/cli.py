@@ -98,6 +98,9 @@ def _train(args, cfg) -> int:
         return run_local(worker_argv, nproc_per_node=args.nproc_per_node, nnodes=args.nnodes,
                          node_rank=args.node_rank, rdzv_endpoint=args.rdzv_endpoint, rdzv_id=args.rdzv_id,
                          max_restarts=args.max_restarts)
+    from distrib.utils import StopRequest
+
+    stop = StopRequest()
     cfg.check_world(env.world_size)
     resume_from = check_resumable(cfg)
     env.export()
@@ -110,7 +113,7 @@ def _train(args, cfg) -> int:
     setup_logging()
     topo = Topology.init(tp=cfg.parallel.tp)
     try:
-        Trainer(cfg, topo, STAGES[args.command](), resume_from=resume_from).fit()
+        Trainer(cfg, topo, STAGES[args.command](), resume_from=resume_from, stop=stop).fit()
     finally:
         topo.shutdown()
     return 0

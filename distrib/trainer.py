@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import signal
 import time
 from pathlib import Path
 from typing import Callable, Protocol
@@ -25,7 +24,7 @@ from distrib.model import count_parameters, flops_per_token, hf_config
 from distrib.parallelize import build_engine, deepspeed_config, torch_dtype
 from distrib.tensor_parallel import apply_plan
 from distrib.topology import Topology
-from distrib.utils import log_main
+from distrib.utils import StopRequest, log_main
 
 #: loss = objective(engine, batch); the engine's forward is the (wrapped) trainable model.
 Objective = Callable[[torch.nn.Module, dict], torch.Tensor]
@@ -48,26 +47,15 @@ def causal_lm_loss(engine: torch.nn.Module, batch: dict) -> torch.Tensor:
     return engine(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
 
 
-class _StopRequest:
-    """SIGUSR1/SIGTERM (Slurm's warning before preemption, a scheduler's kill) ask for a clean stop."""
-
-    def __init__(self):
-        self.requested = False
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-
 class Trainer:
     """Runs ``stage`` to ``train.max_steps`` under ``cfg`` on ``topo``, resuming where a run stopped."""
 
-    def __init__(self, cfg: Config, topo: Topology, stage: Stage, resume_from: Path | None = None):
+    def __init__(self, cfg: Config, topo: Topology, stage: Stage, resume_from: Path | None = None,
+                 stop: StopRequest | None = None):
         self.cfg, self.topo, self.stage = cfg, topo, stage
         self.out = Path(cfg.output_dir)
         self.started = time.monotonic()
-        self.stop = _StopRequest()
+        self.stop = stop or StopRequest()
 
         if topo.is_main:
             self.out.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 
 logger = logging.getLogger("distrib")
@@ -30,3 +31,20 @@ def log_main(msg: str) -> None:
     if _rank() == 0:
         setup_logging()
         logger.info(msg)
+
+
+class StopRequest:
+    """SIGUSR1 (Slurm's warning before preemption) and SIGTERM ask the run for a clean stop.
+
+    Every rank then finishes its step, the ranks agree, a checkpoint is written and the process
+    exits 0; the same command resumes. Installed as early as possible in a worker, so a signal that
+    arrives during start-up is not fatal.
+    """
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
