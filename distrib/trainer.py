@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 import torch
-from deepspeed.accelerator import get_accelerator
 
 from distrib.checkpoint import Checkpointer, TrainState, latest_checkpoint
 from distrib.config import Config

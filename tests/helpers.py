@@ -54,3 +54,41 @@ def metrics(out: Path) -> list[dict]:
 
 def losses(out: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in metrics(out) if "loss" in r}
+
+
+def small(out, cache, *extra: str) -> list[str]:
+    """Overrides for a seconds-long run of the SMALL model into ``out`` with data cached in ``cache``."""
+    return [f"output_dir={out}", f"data.cache_dir={cache}", *SMALL, *extra]
+
+
+def prepared(out: Path):
+    """The data a finished run trained on, from its saved config (a cache hit)."""
+    import yaml
+
+    from distrib.config import Config
+    from distrib.data import prepare_data
+
+    cfg = Config.model_validate(yaml.safe_load((Path(out) / "config.yaml").read_text()))
+    return prepare_data(cfg.data, cfg.seed)
+
+
+def export_matches_final_eval(out: Path, samples: int = 16, micro: int = 2) -> tuple[float, float]:
+    """(loss of ``out/hf`` loaded by transformers on the eval blocks, the run's final logged eval loss).
+
+    The final eval loss was computed by the trained, sharded model; equal values mean the export
+    carries the trained weights (a loss is a function of the logits on every position).
+    """
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from distrib.data import collate
+
+    model = AutoModelForCausalLM.from_pretrained(Path(out) / "hf")
+    val = prepared(out).validation
+    with torch.no_grad():
+        batch_losses = [model(input_ids=b, labels=b).loss.item()
+                        for b in (collate(val, range(i, i + micro))["input_ids"] for i in range(0, samples, micro))]
+    last = max(r["step"] for r in metrics(out) if "eval_loss" in r)
+    final_eval = [r for r in metrics(out) if r["step"] == last and "eval_loss" in r][0]["eval_loss"]
+    return float(np.mean(batch_losses)), final_eval

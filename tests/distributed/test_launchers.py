@@ -24,22 +24,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers import ROOT, SMALL, TINY, losses, metrics, run_distrib
+from tests.helpers import ROOT, TINY, losses, metrics, run_distrib, small
 
 pytestmark = pytest.mark.slow
 
 RTOL = 1e-4
 #: Bound on any one training run (a 2-process small run takes ~20 s on 2 CPU cores).
 RUN_TIMEOUT = 300
-
-
-@pytest.fixture(scope="module")
-def data_cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("data-cache"))
-
-
-def small(out, cache, *extra):
-    return [f"output_dir={out}", f"data.cache_dir={cache}", *SMALL, *extra]
 
 
 @pytest.fixture(scope="module")

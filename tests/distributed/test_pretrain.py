@@ -10,30 +10,13 @@ import torch
 from safetensors.torch import load_file
 
 from distrib.data import GlobalBatchSampler
-from tests.helpers import ROOT, SMALL, TINY, losses, metrics, run_distrib
+from tests.helpers import ROOT, TINY, export_matches_final_eval, losses, metrics, prepared, run_distrib, small
 
 pytestmark = pytest.mark.slow
 
 # fp32 on CPU: the only differences between layouts are reduction orders (all-reduce of 2 partial
 # gradients vs. one sum), a few ulps that Adam carries forward over 6 steps.
 RTOL = 1e-4
-
-
-@pytest.fixture(scope="module")
-def data_cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("data-cache"))
-
-
-def small(out, cache, *extra):
-    return [f"output_dir={out}", f"data.cache_dir={cache}", *SMALL, *extra]
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, data_cache):
-    """One process, ZeRO-0: the unsharded reference."""
-    out = tmp_path_factory.mktemp("ref")
-    run_distrib(*small(out, data_cache, "parallel.zero_stage=0"))
-    return out
 
 
 ZERO_LAYOUTS = {
@@ -101,7 +84,7 @@ def test_resume_at_smaller_data_parallel_size_sees_each_sample_once(tmp_path, da
     assert state["samples_seen"] == 6 * 8 and state["dp"] == 1
     consumed = [i for s in sorted(by_step) for i in by_step[s]]
     assert len(consumed) == len(set(consumed)) == 48  # nothing repeated, nothing skipped
-    num_samples = len(_prepared(out).train)
+    num_samples = len(prepared(out).train)
     sampler = GlobalBatchSampler(num_samples, 8, 2, 1, 0, seed=1234)
     for step, got in by_step.items():
         assert sorted(got) == sorted(sampler.dataset_index(p) for p in sampler.positions(step))
@@ -110,35 +93,17 @@ def test_resume_at_smaller_data_parallel_size_sees_each_sample_once(tmp_path, da
     np.testing.assert_allclose([got[s] for s in range(1, 7)], [ref[s] for s in range(1, 7)], rtol=RTOL)
 
 
-def _prepared(out):
-    import yaml
-
-    from distrib.config import Config
-    from distrib.data import prepare_data
-
-    cfg = Config.model_validate(yaml.safe_load((out / "config.yaml").read_text()))
-    return prepare_data(cfg.data, cfg.seed)
-
-
 def test_export_loads_in_transformers_and_reproduces_the_trained_model(tmp_path, data_cache):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from distrib.data import collate
+    from transformers import AutoTokenizer
 
     out = tmp_path / "run"
     run_distrib(*small(out, data_cache, "parallel.zero_stage=3"), nproc=2)
-    model = AutoModelForCausalLM.from_pretrained(out / "hf")
     tok = AutoTokenizer.from_pretrained(out / "hf")
     text = "def f(x):\n    return x"
     assert tok.decode(tok(text)["input_ids"]) == text
-    # The final eval loss was computed by the trained, ZeRO-3-sharded model on the first 16
-    # validation blocks; the exported model's logits must give the same loss on them.
-    val = _prepared(out).validation
-    with torch.no_grad():
-        batch_losses = [model(input_ids=b, labels=b).loss.item()
-                        for b in (collate(val, range(i, i + 2))["input_ids"] for i in range(0, 16, 2))]
-    final_eval = [r for r in metrics(out) if r["step"] == 6][0]["eval_loss"]
-    assert np.mean(batch_losses) == pytest.approx(final_eval, rel=1e-5)
+    # the trained model was ZeRO-3-sharded; the export must reproduce its final eval loss
+    exported, trained = export_matches_final_eval(out)
+    assert exported == pytest.approx(trained, rel=1e-5)
     # `distrib export` on the same checkpoint writes the same bytes
     again = tmp_path / "again"
     proc = subprocess.run([sys.executable, "-m", "distrib", "export", str(out / "checkpoints" / "step_00000006"),

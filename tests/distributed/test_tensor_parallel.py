@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import SMALL, losses, metrics, run_distrib
+from tests.helpers import export_matches_final_eval, losses, run_distrib, small
 
 pytestmark = pytest.mark.slow
 
@@ -15,22 +15,6 @@ pytestmark = pytest.mark.slow
 # results differ from tp=1 by reduction order only.
 RTOL = 1e-4
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-@pytest.fixture(scope="module")
-def data_cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("data-cache"))
-
-
-def small(out, cache, *extra):
-    return [f"output_dir={out}", f"data.cache_dir={cache}", *SMALL, *extra]
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, data_cache):
-    out = tmp_path_factory.mktemp("tp1")
-    run_distrib(*small(out, data_cache, "parallel.zero_stage=0"))
-    return out
 
 
 def _assert_losses_match(out, reference):
@@ -77,21 +61,8 @@ def test_tp2_resume_is_identical_and_export_matches_unsharded(tmp_path, data_cac
     for name in a:
         assert torch.equal(a[name], b[name]), name
 
-    # The export is one whole HF model: transformers loads it, and its loss on the validation
-    # blocks equals the final eval loss the tp-sharded model computed.
-    from transformers import AutoModelForCausalLM
-
-    from distrib.data import collate
-    from tests.distributed.test_pretrain import _prepared
-
-    model = AutoModelForCausalLM.from_pretrained(whole / "hf")
+    # The export is one whole HF model with the unsharded shapes, carrying the trained weights.
     ref = load_file(str(reference / "hf" / "model.safetensors"))
-    assert a.keys() == ref.keys()
-    for name in a:
-        assert a[name].shape == ref[name].shape
-    val = _prepared(whole).validation
-    with torch.no_grad():
-        batch_losses = [model(input_ids=b, labels=b).loss.item()
-                        for b in (collate(val, range(i, i + 2))["input_ids"] for i in range(0, 16, 2))]
-    final_eval = [r for r in metrics(whole) if r["step"] == 6][0]["eval_loss"]
-    assert np.mean(batch_losses) == pytest.approx(final_eval, rel=1e-5)
+    assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in ref.items()}
+    exported, trained = export_matches_final_eval(whole)
+    assert exported == pytest.approx(trained, rel=1e-5)

@@ -13,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import SMALL, losses, metrics, run_distrib
+from tests import helpers
+from tests.helpers import export_matches_final_eval, losses, metrics, run_distrib
 
 pytestmark = pytest.mark.slow
 
@@ -28,13 +29,8 @@ WHOLE = ("attn.c_proj.bias", "mlp.c_proj.bias")
 STEPS = list(range(1, 7))
 
 
-@pytest.fixture(scope="module")
-def data_cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("data-cache"))
-
-
 def small(out, cache, *extra):
-    return [f"output_dir={out}", f"data.cache_dir={cache}", *SMALL, *GPT2, *extra]
+    return helpers.small(out, cache, *GPT2, *extra)
 
 
 @pytest.fixture(scope="module")
@@ -84,17 +80,9 @@ def test_gpt2_tp2_export_loads_in_transformers_and_matches_unsharded(tp2, refere
     the fused qkv per q/k/v and the Linear weights were transposed back."""
     from transformers import AutoModelForCausalLM, GPT2LMHeadModel
 
-    from distrib.data import collate
-    from tests.distributed.test_pretrain import _prepared
-
-    model = AutoModelForCausalLM.from_pretrained(tp2 / "hf")
-    assert isinstance(model, GPT2LMHeadModel)
-    val = _prepared(tp2).validation
-    with torch.no_grad():
-        batch_losses = [model(input_ids=b, labels=b).loss.item()
-                        for b in (collate(val, range(i, i + 2))["input_ids"] for i in range(0, 16, 2))]
-    final_eval = [r for r in metrics(tp2) if r["step"] == 6][0]["eval_loss"]
-    assert np.mean(batch_losses) == pytest.approx(final_eval, rel=1e-5)
+    assert isinstance(AutoModelForCausalLM.from_pretrained(tp2 / "hf"), GPT2LMHeadModel)
+    exported, trained = export_matches_final_eval(tp2)
+    assert exported == pytest.approx(trained, rel=1e-5)
 
     got = load_file(str(tp2 / "hf" / "model.safetensors"))
     ref = load_file(str(reference / "hf" / "model.safetensors"))
