@@ -26,6 +26,7 @@ ZERO_LAYOUTS = {
     "zero3": ["parallel.zero_stage=3"],
     "zero2-offload-optimizer": ["parallel.zero_stage=2", "parallel.offload_optimizer=true"],
     "zero3-offload-all": ["parallel.zero_stage=3", "parallel.offload_optimizer=true", "parallel.offload_params=true"],
+    "zero2-activation-checkpointing": ["parallel.zero_stage=2", "model.activation_checkpointing=true"],
 }
 
 
@@ -144,3 +145,14 @@ def test_exported_logits_equal_the_trained_engine_logits(tmp_path, data_cache, p
                            *small(out, data_cache, f"precision={precision}", "parallel.zero_stage=2")],
                           capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert "LOGITS-MATCH" in proc.stdout, proc.stderr[-4000:]
+
+
+def test_pretraining_continues_from_a_local_hf_directory(tmp_path, data_cache, reference):
+    """model.pretrained + data.tokenizer: start from an exported model (here the reference's), weights and all."""
+    out = tmp_path / "continued"
+    hf = reference / "hf"
+    run_distrib(*small(out, data_cache, f"model.pretrained={hf}", f"data.tokenizer={hf}", "train.max_steps=3"), nproc=2)
+    start = [r for r in metrics(out) if r["step"] == 0][0]["eval_loss"]
+    final_of_source = [r for r in metrics(reference) if r["step"] == 6][0]["eval_loss"]
+    assert start == pytest.approx(final_of_source, rel=1e-5)
+    assert losses(out)[1] < losses(reference)[1]  # the first batch already meets trained weights

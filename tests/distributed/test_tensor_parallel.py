@@ -66,3 +66,14 @@ def test_tp2_resume_is_identical_and_export_matches_unsharded(tmp_path, data_cac
     assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in ref.items()}
     exported, trained = export_matches_final_eval(whole)
     assert exported == pytest.approx(trained, rel=1e-5)
+
+
+def test_tp2_composes_with_bf16_and_activation_checkpointing(tmp_path, data_cache):
+    """bf16 rounds differently once matmuls are split, so the comparison is looser (stated: 2e-2)."""
+    tp1, tp2 = tmp_path / "tp1", tmp_path / "tp2"
+    common = ("precision=bf16", "model.activation_checkpointing=true", "parallel.zero_stage=2")
+    run_distrib(*small(tp1, data_cache, *common))
+    run_distrib(*small(tp2, data_cache, *common, "parallel.tp=2"), nproc=2)
+    a, b = losses(tp1), losses(tp2)
+    np.testing.assert_allclose([b[s] for s in range(1, 7)], [a[s] for s in range(1, 7)], rtol=2e-2)
+    assert b[6] < b[1]
