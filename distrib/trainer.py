@@ -85,6 +85,8 @@ class Trainer:
             prev = self.ckpt.load(self.engine, resume_from, universal)
             self.state.step, self.state.samples_seen, self.state.tokens_seen = prev.step, prev.samples_seen, prev.tokens_seen
             log_main(f"resumed from {resume_from} at step {prev.step} (saved with dp={prev.dp}, now dp={topo.dp})")
+            if universal:  # the saved per-rank RNG streams belong to another layout: start fresh ones
+                torch.manual_seed(cfg.seed + topo.rank + 1_000_003 * prev.step)
         else:
             torch.manual_seed(cfg.seed + topo.rank)  # per-rank streams (dropout) from here on
 
