@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 import yaml
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from distrib.checkpoint import convert_to_universal, read_state
 from distrib.config import Config, ConfigError
-from distrib.model import hf_config
+from distrib.model import empty_model, hf_config
 from distrib.parallelize import torch_dtype
 from distrib.tensor_parallel import to_hf_layout
 
@@ -57,8 +57,7 @@ def export_checkpoint(ckpt: Path, out_dir: Path) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(ckpt / "tokenizer")
     hf_cfg = hf_config(cfg.model, vocab_size=len(tokenizer), seq_len=cfg.data.seq_len)
     dtype = torch_dtype(cfg.precision)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf_cfg)
+    model = empty_model(hf_cfg)
     state = consolidated_state_dict(ckpt)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     tied = {"lm_head.weight"} if hf_cfg.tie_word_embeddings else set()

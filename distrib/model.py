@@ -129,11 +129,23 @@ def init_weights(model: torch.nn.Module, cfg: ModelConfig, seed: int) -> None:
             param.copy_(torch.empty(param.shape, dtype=torch.float32).normal_(0.0, std, generator=gen))
 
 
-def count_parameters(hf_cfg: PretrainedConfig) -> int:
-    """Parameter count without allocating weights (built on the meta device)."""
-    with torch.device("meta"):
+def empty_model(hf_cfg: PretrainedConfig) -> torch.nn.Module:
+    """The architecture with parameters on the meta device (no memory), buffers real.
+
+    For sizing a 70B model on a laptop and for assembling an export from a state dict
+    (``load_state_dict(..., assign=True)``).
+    """
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
         model = AutoModelForCausalLM.from_config(hf_cfg)
-    return sum(p.numel() for p in model.parameters())
+    model.tie_weights()  # tied embeddings are one parameter, counted once
+    return model
+
+
+def count_parameters(hf_cfg: PretrainedConfig) -> int:
+    """Parameter count without allocating weights."""
+    return sum(p.numel() for p in empty_model(hf_cfg).parameters())
 
 
 def flops_per_token(hf_cfg: PretrainedConfig, n_params: int, seq_len: int) -> float:

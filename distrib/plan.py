@@ -73,10 +73,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 
 from distrib.config import Config, ConfigError
-from distrib.model import count_parameters, hf_config
+from distrib.model import empty_model, hf_config
 
 GIB = 2**30
 
@@ -206,11 +205,8 @@ def _model_sizes(hf_cfg) -> tuple[int, int]:
     """(total parameters, largest single module's own parameters), cached per architecture."""
     key = hf_cfg.to_json_string()
     if key not in _SIZE_CACHE:
-        n_params = count_parameters(hf_cfg)
-        from transformers import AutoModelForCausalLM
-
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(hf_cfg)
+        model = empty_model(hf_cfg)
+        n_params = sum(p.numel() for p in model.parameters())
         # DeepSpeed's model_to_params: the largest module counting only its own (non-recursive) parameters.
         largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
         _SIZE_CACHE[key] = (n_params, largest)
