@@ -97,6 +97,12 @@ class Trainer:
         self.flops_per_token = flops_per_token(self.hf_cfg, self.n_params, cfg.data.seq_len)
         peak = cfg.metrics.peak_tflops or topo.max(measure_peak_tflops(dtype))  # the devices are alike: take the best
         self.peak_flops = peak * 1e12 * topo.world_size
+        self._write_layout()  # before the progress bar starts drawing
+        log_main(
+            f"{stage.name}: {self.n_params / 1e6:.2f}M params, world={topo.world_size} (dp={topo.dp} x tp={topo.tp}), "
+            f"ZeRO-{cfg.parallel.zero_stage}, {cfg.precision}, grad accum {cfg.grad_accum_steps(topo.world_size)}, "
+            f"{len(self.data.train)} train blocks of {cfg.data.seq_len} tokens"
+        )
         self.metrics = MetricsLogger(self.out, topo.is_main, tensorboard=cfg.metrics.tensorboard,
                                      progress_bar=cfg.metrics.progress_bar, total_steps=cfg.train.max_steps,
                                      start_step=self.state.step)
@@ -104,12 +110,6 @@ class Trainer:
         if cfg.data.trace_samples:
             (self.out / "trace").mkdir(parents=True, exist_ok=True)
             self.trace = open(self.out / "trace" / f"samples-rank{topo.rank:05d}.jsonl", "a", buffering=1)
-        self._write_layout()
-        log_main(
-            f"{stage.name}: {self.n_params / 1e6:.2f}M params, world={topo.world_size} (dp={topo.dp} x tp={topo.tp}), "
-            f"ZeRO-{cfg.parallel.zero_stage}, {cfg.precision}, grad accum {cfg.grad_accum_steps(topo.world_size)}, "
-            f"{len(self.data.train)} train blocks of {cfg.data.seq_len} tokens"
-        )
 
     def _build_model(self, ds_config: dict, dtype: torch.dtype) -> torch.nn.Module:
         if self.cfg.parallel.zero_stage != 3:
