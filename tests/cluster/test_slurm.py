@@ -192,6 +192,12 @@ def test_preemption_warning_checkpoints_requeues_and_resumes(slurm_cluster, tmp_
                           and f, 180)
         requeued = time.monotonic()
         assert fields.get("Requeue") == "1"
+        # Release the hold only once the node has finished cleaning up the first run (no COMPLETING
+        # state left): a start pushed into that window can fail at launch.
+        wait_for("the node to be idle again after the requeue",
+                 lambda: subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True,
+                                        timeout=30).stdout.split() == ["idle"], 120)
+        time.sleep(2)
         subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True,
                        capture_output=True, timeout=30)
 
