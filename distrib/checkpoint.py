@@ -163,11 +163,49 @@ class Checkpointer:
         loaded, _ = engine.load_checkpoint(str(load_dir), tag=tag, load_module_strict=True)
         if loaded is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint at {path}")
+        replay_adam_step_counter(engine.optimizer)
         state = read_state(path)
         rng = path / "rng" / f"rank_{self.topo.rank:05d}.pt"
         if rng.is_file() and not universal:
             _set_rng_state(torch.load(rng, weights_only=True))
         return state
+
+
+def replay_adam_step_counter(optimizer) -> None:
+    """Bring DeepSpeed's C++ CPU Adam to the state an uninterrupted run has after the loaded steps.
+
+    The CPU kernels behind DeepSpeed's ``FusedAdam`` and ``DeepSpeedCPUAdam`` keep the bias-correction
+    powers beta1^t and beta2^t inside the C++ optimizer object, as float32 running products
+    (``_betta1_t *= beta1`` each step), and none of it is in any state dict. A fresh process that
+    loads a checkpoint at step t recomputes them with ``pow(beta, t+1)`` instead, which differs from the
+    running product by an ulp or so: enough for a resumed run to drift from the uninterrupted one a few
+    steps later. Calling the kernel on empty tensors for steps 1..t reproduces the running product
+    exactly and touches no weight. CUDA kernels compute the powers from the step each call: nothing
+    to replay there.
+    """
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
+
+    opt = optimizer
+    while opt is not None and not isinstance(opt, (FusedAdam, DeepSpeedCPUAdam)):
+        opt = getattr(opt, "optimizer", None)
+    if opt is None or (isinstance(opt, FusedAdam) and get_accelerator().device_name() != "cpu"):
+        return
+    steps = [int(s["step"]) for s in opt.state.values() if "step" in s]
+    if not steps:
+        return
+    group = opt.param_groups[0]  # one C++ object per optimizer (per AdamW mode): one replay suffices
+    beta1, beta2 = group["betas"]
+    bias_correction = 1 if group.get("bias_correction", True) else 0
+    empty = torch.empty(0, dtype=torch.float32)
+    for step in range(1, max(steps) + 1):
+        if isinstance(opt, FusedAdam):
+            opt.multi_tensor_adam(2048 * 32, opt._dummy_overflow_buf, [[empty], [empty], [empty], [empty]],
+                                  group["lr"], beta1, beta2, group["eps"], step, opt.adam_w_mode, bias_correction,
+                                  group["weight_decay"])
+        else:
+            opt.ds_opt_adam.adam_update(opt.opt_id, step, group["lr"], beta1, beta2, group["eps"],
+                                        group["weight_decay"], bias_correction == 1, empty, empty, empty, empty)
 
 
 def convert_to_universal(path: Path) -> Path:
