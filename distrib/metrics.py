@@ -1,4 +1,4 @@
-"""Rank-0 metrics: a progress bar on the console, ``metrics.jsonl`` and TensorBoard.
+"""Rank-0 metrics: progress on the console, ``metrics.jsonl`` and TensorBoard.
 
 MFU = achieved model FLOP/s / (peak FLOP/s per device x devices). Achieved FLOPs come from
 :func:`distrib.model.flops_per_token`; the peak is ``metrics.peak_tflops`` or, when unset, a
@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import sys
 import time
 from pathlib import Path
+from typing import TextIO
 
 import torch
 from deepspeed.accelerator import get_accelerator
@@ -42,26 +45,62 @@ def measure_peak_tflops(dtype: torch.dtype, size: int = 1024, trials: int = 5, s
 
 
 class MetricsLogger:
-    """Writes metrics on rank 0; a no-op elsewhere."""
+    """Writes metrics on rank 0; a no-op elsewhere.
+
+    ``metrics.jsonl`` holds one row per logged step of the run as it stands: a fresh start empties
+    it, and a resume at step ``k`` first drops the rows after ``k`` (steps the resumed run repeats),
+    so no step appears twice. On a terminal the console shows a tqdm bar; when the stream is not a
+    terminal (Slurm logs, CI) a bar's redraws would fill the file, so one plain line is printed
+    every ``plain_every`` steps instead.
+    """
 
     def __init__(self, output_dir: Path, enabled: bool, *, tensorboard: bool, progress_bar: bool,
-                 total_steps: int, start_step: int):
+                 total_steps: int, start_step: int, plain_every: int | None = None, stream: TextIO | None = None):
+        """Open the outputs (rank 0 only).
+
+        Args:
+            output_dir: the run directory; ``metrics.jsonl`` and ``tensorboard/`` go there.
+            enabled: whether this process writes (rank 0).
+            tensorboard: also write TensorBoard scalars.
+            progress_bar: show progress on ``stream``: a bar on a terminal, plain lines otherwise.
+            total_steps: the run's ``train.max_steps``.
+            start_step: the step the run resumes from, 0 for a fresh start.
+            plain_every: steps between plain lines when ``stream`` is not a terminal; by default
+                :func:`default_plain_every`. Only logged steps can be printed, so the effective
+                spacing is at least the trainer's logging interval.
+            stream: where progress goes (default ``sys.stderr``, tqdm's own default).
+        """
         self.enabled = enabled
         self.file = None
         self.tb = None
         self.bar = None
+        self.plain_every = None
         if not enabled:
             return
         output_dir.mkdir(parents=True, exist_ok=True)
-        self.file = open(output_dir / "metrics.jsonl", "a", buffering=1)
+        path = output_dir / "metrics.jsonl"
+        if start_step > 0:
+            keep_rows_through(path, start_step)
+        # A fresh start ("w") empties the file: its rows belong to a run this one does not continue.
+        self.file = open(path, "a" if start_step > 0 else "w", buffering=1)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(log_dir=str(output_dir / "tensorboard"), purge_step=start_step + 1)
         if progress_bar:
-            from tqdm.auto import tqdm
+            self.stream = stream if stream is not None else sys.stderr
+            if _is_tty(self.stream):
+                from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, desc="train")
+                self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, desc="train",
+                                file=self.stream)
+            else:
+                self.plain_every = plain_every if plain_every is not None else default_plain_every(total_steps)
+                if self.plain_every < 1:
+                    raise ValueError(f"plain_every must be at least 1, got {self.plain_every}")
+                self.total_steps, self.start_step = total_steps, start_step
+                self._next_plain = start_step  # the first logged step prints: the run is alive
+                self._started = time.monotonic()
 
     def log(self, record: dict) -> None:
         if not self.enabled:
@@ -77,6 +116,23 @@ class MetricsLogger:
             shown = {k: record[k] for k in ("loss", "eval_loss", "tokens_per_s") if record.get(k) is not None}
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
             self.bar.update(step - self.bar.n)
+        if self.plain_every is not None and (step >= self._next_plain or step >= self.total_steps):
+            # Due once a logged step reaches the next multiple, so a logging interval that does not
+            # divide plain_every still prints about every plain_every steps.
+            self._next_plain = (step // self.plain_every + 1) * self.plain_every
+            print(self._plain_line(record), file=self.stream, flush=True)
+
+    def _plain_line(self, record: dict) -> str:
+        step = record["step"]
+        parts = [f"step {step}/{self.total_steps}"]
+        for key, label, fmt in (("loss", "loss", ".4g"), ("eval_loss", "eval_loss", ".4g"),
+                                ("tokens_per_s", "tokens/s", ".0f")):
+            if record.get(key) is not None:
+                parts.append(f"{label} {record[key]:{fmt}}")
+        done = step - self.start_step
+        if 0 < done and step < self.total_steps:
+            parts.append(f"eta {_duration((time.monotonic() - self._started) / done * (self.total_steps - step))}")
+        return " ".join(parts)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -85,3 +141,53 @@ class MetricsLogger:
             self.tb.close()
         if self.file is not None:
             self.file.close()
+
+
+def default_plain_every(total_steps: int) -> int:
+    """Every 10 steps, or every 10% of a run shorter than 100 steps.
+
+    A fixed step interval keeps a long run's log informative (a 7B step takes seconds; 10% of
+    100k steps would be hours of silence) at a few lines a minute at most, and a short run still
+    prints about 10 lines.
+    """
+    return max(1, min(10, total_steps // 10))
+
+
+def keep_rows_through(path: Path, step: int) -> None:
+    """Rewrite ``metrics.jsonl`` at ``path`` with only its rows at or before ``step``, in order.
+
+    Lines that do not parse (a crash mid-write tears the last one) are dropped. The rewrite is
+    atomic (a temporary file moved over the original), so a crash here loses nothing.
+    """
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            kept.append(line + "\n")  # the original text: kept rows stay byte-identical
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _is_tty(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
+def _duration(seconds: float) -> str:
+    s = int(seconds)
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    if s >= 60:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s}s"

@@ -92,9 +92,10 @@ def build_model(cfg: ModelConfig, hf_cfg: PretrainedConfig, *, seed: int = 0, in
     ctx = init_context if init_context is not None else contextlib.nullcontext()
     with ctx:
         if cfg.pretrained:
-            model = AutoModelForCausalLM.from_pretrained(cfg.pretrained, config=hf_cfg, torch_dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(cfg.pretrained, config=hf_cfg, dtype=dtype)
         else:
-            model = AutoModelForCausalLM.from_config(hf_cfg, torch_dtype=dtype)
+            # ``dtype``, not ``torch_dtype``: transformers 5 warns on every rank for the old name.
+            model = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype)
     if not cfg.pretrained:
         init_weights(model, cfg, seed)
     if cfg.activation_checkpointing:

@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import sys
+import warnings
 
 logger = logging.getLogger("distrib")
 
@@ -24,6 +25,40 @@ def setup_logging() -> None:
     logger.addHandler(handler)
     logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     logger.propagate = False
+
+
+class _ErrorsOnly(logging.Filter):
+    """Passes ERROR and above. A filter, not a level: DeepSpeed resets its logger's level on import."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+
+def quiet_other_ranks(rank: int | None = None) -> None:
+    """On ranks other than 0, keep only errors from the libraries and Python warnings.
+
+    Every rank runs the same code, so every library warning would otherwise appear world-size
+    times; rank 0 still shows each once. Call at worker start, once ``RANK`` is set and before
+    ``deepspeed`` is imported (its accelerator detection warns at import). Our own ``distrib``
+    logger is left alone: :func:`setup_logging` already keeps other ranks at warnings, which are
+    then about that rank.
+
+    Args:
+        rank: this process's global rank; by default ``RANK`` from the environment.
+    """
+    if (_rank() if rank is None else rank) == 0:
+        return
+    # DeepSpeed is not imported here: importing it would emit the very warnings to hide.
+    deepspeed_logger = logging.getLogger("DeepSpeed")  # deepspeed.utils.logger
+    if not any(isinstance(f, _ErrorsOnly) for f in deepspeed_logger.filters):
+        deepspeed_logger.addFilter(_ErrorsOnly())
+    import datasets.utils.logging
+    import transformers.utils.logging
+
+    transformers.utils.logging.set_verbosity_error()
+    datasets.utils.logging.set_verbosity_error()
+    for category in (UserWarning, FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
 
 
 def log_main(msg: str) -> None:
