@@ -4,6 +4,10 @@ The pipeline is ``load_text`` -> ``load_or_train_tokenizer`` -> tokenize (``data
 blocks of exactly ``seq_len`` tokens. :func:`prepare_data` runs it once per data-defining configuration
 and caches the result on disk, so repeated runs and the ranks of one run share the work.
 
+Data files are checked before ``datasets`` reads them, so bad data (an empty, binary, non-UTF-8 or
+malformed file, a directory, a wrong ``data.tokenizer``) is refused with a one-line
+:class:`~distrib.config.ConfigError` naming the key, the file and line, and the fix.
+
 Training reads the blocks through :class:`GlobalBatchSampler`, whose position in the data is a single
 *global sample index*: a run resumed with a different data-parallel size continues exactly where it
 stopped, seeing every sample of an epoch once.
@@ -12,6 +16,7 @@ stopped, seeing every sample of an epoch once.
 from __future__ import annotations
 
 import ast
+import codecs
 import glob
 import hashlib
 import inspect
@@ -30,9 +35,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import tokenizers
 import torch
 from datasets import Dataset, DatasetDict, concatenate_datasets, load_dataset, load_from_disk
+from datasets.exceptions import DatasetGenerationError
 from datasets.table import InMemoryTable
 from filelock import FileLock, Timeout
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -64,6 +71,29 @@ _MIN_VALIDATION_DOCS = 4
 _EXCLUDED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "pydoc_data", "__pycache__"}
 
 _LOADERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+#: Data files are checked in chunks of this size, so a multi-GB file never sits in memory whole.
+_READ_CHUNK = 1 << 20
+
+#: A NUL byte this close to the start marks a binary file (the test ``grep`` and ``git`` make);
+#: UTF-8 text practically never holds one, and most binary formats have one in their header.
+_SNIFF_BYTES = 8192
+
+#: Byte-order marks of the encodings whose text is full of NULs, checked before the NUL test so
+#: that such a file is named for what it is; UTF-32 first, its LE mark starts with UTF-16's.
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "UTF-32"),
+    (codecs.BOM_UTF32_BE, "UTF-32"),
+    (codecs.BOM_UTF16_LE, "UTF-16"),
+    (codecs.BOM_UTF16_BE, "UTF-16"),
+)
+
+#: Files of which a ``save_pretrained`` tokenizer directory holds at least one.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+#: A process waiting this long for the cache lock says so; shorter waits (ranks racing for a lock
+#: whose holder finds the cache complete, or a quick build) are not worth a log line.
+_QUIET_WAIT_SECONDS = 3.0
 
 
 # -- built-in corpus -------------------------------------------------------------------------
@@ -177,44 +207,63 @@ def _split_by_hash(docs: dict[str, str], fraction: float) -> dict[str, list[str]
 # -- loading text ------------------------------------------------------------------------------
 
 
-def load_text(cfg: DataConfig) -> DatasetDict:
+def load_text(cfg: DataConfig, hf_cache: str | Path | None = None) -> DatasetDict:
     """The raw documents of ``cfg``: splits ``train`` and ``validation``, one column ``text``.
 
     Empty documents are dropped. For ``files``, ``.txt`` files are read one paragraph (blank-line
     separated block) per document, so line breaks inside a paragraph survive and a single text
     file can still be split; jsonl/json/parquet rows are documents, their text in
-    ``cfg.text_field``. Without validation files, ``cfg.validation_fraction`` of the train documents
-    is split off with a fixed seed. ``cfg.max_documents`` then caps the train split (first N in
-    that deterministic order), leaving validation unchanged so evaluations stay comparable.
+    ``cfg.text_field`` (a row whose text is ``null`` counts as empty). Every file is checked
+    before it is loaded (see :func:`_check_file`). Without validation files,
+    ``cfg.validation_fraction`` of the train documents is split off with a fixed seed.
+    ``cfg.max_documents`` then caps the train split (first N in that deterministic order),
+    leaving validation unchanged so evaluations stay comparable.
+
+    Args:
+        cfg: the data section.
+        hf_cache: where ``datasets`` caches the parsed files; by default ``hf_datasets`` under
+            the cache root. :func:`prepare_data` passes a directory inside its build, so the
+            parsed copy goes away with the build.
 
     Raises:
-        ConfigError: a missing file, a glob matching nothing, or a missing text column.
+        ConfigError: one line naming the file (and line) for a missing, empty, binary,
+            non-UTF-8 or malformed file, a directory, a glob matching nothing, a missing or
+            non-string text field, or too few documents to split off validation.
     """
     if cfg.source == "builtin":
         corpus = builtin_corpus(cfg.name, cfg.validation_fraction)
         train = Dataset.from_dict({"text": corpus["train"]})
         validation = Dataset.from_dict({"text": corpus["validation"]})
     elif cfg.source == "files":
-        hf_cache = str(_cache_root(cfg) / "hf_datasets")
-        train = _load_files(_expand(cfg.train_files, "data.train_files"), cfg, hf_cache)
+        hf_cache = str(hf_cache if hf_cache is not None else _cache_root(cfg) / "hf_datasets")
+        train = _load_files(_expand(cfg.train_files, "data.train_files"), cfg, hf_cache, "data.train_files")
         if cfg.validation_files:
-            validation = _load_files(_expand(cfg.validation_files, "data.validation_files"), cfg, hf_cache)
+            validation = _load_files(
+                _expand(cfg.validation_files, "data.validation_files"), cfg, hf_cache, "data.validation_files"
+            )
         else:
-            train, validation = _split_off(train, cfg.validation_fraction)
+            train, validation = _split_off(
+                train, cfg.validation_fraction, f"data.train_files: {_names(cfg.train_files)}"
+            )
     else:  # hub: for clusters with network access, never exercised offline
         loaded = load_dataset(cfg.name, cfg.hub_config)
         train = _documents(loaded["train"], cfg.text_field, cfg.name)
         if "validation" in loaded:
             validation = _documents(loaded["validation"], cfg.text_field, cfg.name)
         else:
-            train, validation = _split_off(train, cfg.validation_fraction)
+            train, validation = _split_off(train, cfg.validation_fraction, f"data.name={cfg.name!r}")
     if cfg.max_documents is not None and len(train) > cfg.max_documents:
         train = train.select(range(cfg.max_documents))
     return DatasetDict({"train": train, "validation": validation})
 
 
 def _expand(patterns: list[str], key: str) -> list[str]:
-    """Paths and globs -> existing files, in the listed order (each glob sorted)."""
+    """Paths and globs -> existing files, in the listed order (each glob sorted).
+
+    Raises:
+        ConfigError: a path that does not exist or is a directory, a glob matching no file, or
+            a file of an unsupported format.
+    """
     files = []
     for pattern in patterns:
         pattern = os.path.expanduser(pattern)
@@ -224,6 +273,11 @@ def _expand(patterns: list[str], key: str) -> list[str]:
                 raise ConfigError(f"{key}: {pattern!r} matches no file; fix the glob or the path")
         elif os.path.isfile(pattern):
             matches = [pattern]
+        elif os.path.isdir(pattern):
+            raise ConfigError(
+                f"{key}: {pattern!r} is a directory, not a file; "
+                f"name its files with a glob such as {_glob_hint(pattern)!r}"
+            )
         else:
             raise ConfigError(f"{key}: {pattern!r} does not exist; fix the path")
         for path in matches:
@@ -233,18 +287,277 @@ def _expand(patterns: list[str], key: str) -> list[str]:
     return files
 
 
-def _load_files(files: list[str], cfg: DataConfig, hf_cache: str) -> Dataset:
-    """Load files of possibly mixed formats: one loader per format, formats in order of first appearance."""
+def _glob_hint(directory: str) -> str:
+    """A glob for the data files of ``directory``: its most common supported extension, else ``*.txt``."""
+    counts: dict[str, int] = {}
+    try:
+        with os.scandir(directory) as entries:
+            for _, entry in zip(range(1000), entries):  # a look at the first entries is enough for a hint
+                suffix = Path(entry.name).suffix.lower()
+                if suffix in _LOADERS:
+                    counts[suffix] = counts.get(suffix, 0) + 1
+    except OSError:
+        pass
+    suffix = max(counts, key=counts.get) if counts else ".txt"
+    return os.path.join(directory.rstrip("/") or "/", f"*{suffix}")
+
+
+def _names(paths: list[str]) -> str:
+    """The first few of ``paths`` for a one-line message."""
+    shown = ", ".join(repr(p) for p in paths[:3])
+    return shown + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+
+
+def _load_files(files: list[str], cfg: DataConfig, hf_cache: str, key: str) -> Dataset:
+    """Load files of possibly mixed formats: one loader per format, formats in order of first appearance.
+
+    Every file is checked first, so that ``datasets`` only ever sees files it can read; should
+    it still fail, its error becomes one line too.
+
+    Raises:
+        ConfigError: a bad file (see :func:`_check_file`), naming ``key``.
+    """
+    for path in files:
+        _check_file(path, key, cfg.text_field)
     groups: dict[str, list[str]] = {}
     for path in files:
         groups.setdefault(_LOADERS[Path(path).suffix.lower()], []).append(path)
     parts = []
     for builder, paths in groups.items():
         extra = {"sample_by": "paragraph"} if builder == "text" else {}
-        ds = load_dataset(builder, data_files=paths, split="train", cache_dir=hf_cache, **extra)
+        try:
+            ds = load_dataset(builder, data_files=paths, split="train", cache_dir=hf_cache, **extra)
+        except (DatasetGenerationError, pa.ArrowException, ValueError) as e:
+            # The checks above should leave nothing for this; keep the full story for --debug readers.
+            logger.debug("datasets failed to load %s", paths, exc_info=True)
+            cause = e.__cause__ or e
+            detail = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+            raise ConfigError(
+                f"{key}: datasets could not read {_names(paths)} ({type(cause).__name__}: {detail}); "
+                "fix or remove the file"
+            ) from None
         field = "text" if builder == "text" else cfg.text_field  # the text loader always names it "text"
         parts.append(_documents(ds, field, paths))
     return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+
+
+def _check_file(path: str, key: str, text_field: str) -> None:
+    """Refuse a data file that ``datasets`` would choke on or that holds no text.
+
+    Runs before ``load_dataset`` sees the file, so a bad file fails with one line naming it (and
+    the line, for decoding and JSON errors) instead of a traceback from inside ``datasets``, and
+    leaves no half-written ``datasets`` cache behind. One streaming pass with bounded memory: a
+    chunk at a time for text, a line at a time for JSON Lines (a line is one document, which
+    ``datasets`` holds whole too), the footer only for Parquet. A ``.json`` file holding one
+    array is parsed whole, as ``datasets`` parses it.
+
+    Args:
+        path: the file.
+        key: the config key that listed it, which every message starts with.
+        text_field: ``data.text_field``, the text of a JSON or Parquet row.
+
+    Raises:
+        ConfigError: the file is empty or only whitespace, unreadable, binary, not UTF-8,
+            not valid JSON Lines / a JSON array of objects, lacks a string ``text_field``, or
+            is not a Parquet file with a string column ``text_field``.
+    """
+    try:
+        if os.path.getsize(path) == 0:
+            raise ConfigError(f"{key}: {path!r} is empty; put text in it or remove it from {key}")
+        suffix = Path(path).suffix.lower()
+        if suffix == ".parquet":
+            _check_parquet(path, key, text_field)
+        elif suffix == ".txt":
+            _check_text(path, key)
+        else:
+            _check_json(path, key, text_field)
+    except OSError as e:
+        raise ConfigError(
+            f"{key}: {path!r} cannot be read ({e.strerror or e}); fix its permissions or remove it"
+        ) from None
+
+
+def _check_not_binary(head: bytes, path: str, key: str) -> None:
+    """Refuse a file whose first bytes say it is UTF-16/32 or binary rather than UTF-8 text."""
+    for bom, encoding in _BOMS:
+        if head.startswith(bom):
+            raise ConfigError(
+                f"{key}: {path!r} is {encoding} text; convert it to UTF-8, e.g. with iconv -f {encoding} -t UTF-8"
+            )
+    if b"\0" in head[:_SNIFF_BYTES]:
+        raise ConfigError(
+            f"{key}: {path!r} is a binary file (it holds NUL bytes), not text; "
+            "give UTF-8 .txt/.jsonl/.json or .parquet files"
+        )
+
+
+def _not_utf8(path: str, key: str, line: int, data: bytes, pos: int) -> ConfigError:
+    """The error for the undecodable byte ``data[pos]``; ``line`` is the line ``data`` starts on."""
+    line += data[:pos].count(b"\n")
+    byte = f"byte 0x{data[pos]:02x}" if pos < len(data) else "a truncated character at the end"
+    return ConfigError(
+        f"{key}: {path!r} line {line} is not valid UTF-8 ({byte}); "
+        "convert the file to UTF-8, e.g. with iconv -f <its encoding> -t UTF-8"
+    )
+
+
+def _check_text(path: str, key: str) -> None:
+    """A ``.txt`` file must be UTF-8 with some non-whitespace text; decoded in chunks."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    line, has_text = 1, False
+    with open(path, "rb") as f:
+        _check_not_binary(f.read(_SNIFF_BYTES), path, key)
+        f.seek(0)
+        while True:
+            chunk = f.read(_READ_CHUNK)
+            # The decoder keeps the first bytes of a character split across two chunks; an error
+            # position counts from them, and they hold no newline (a newline is one ASCII byte).
+            pending = decoder.getstate()[0]
+            try:
+                text = decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as e:
+                raise _not_utf8(path, key, line, pending + chunk, e.start) from None
+            if not chunk:
+                break
+            has_text = has_text or (bool(text) and not text.isspace())
+            line += chunk.count(b"\n")
+    if not has_text:
+        raise ConfigError(f"{key}: {path!r} holds only whitespace; put text in it or remove it from {key}")
+
+
+def _check_json(path: str, key: str, field: str) -> None:
+    """A ``.jsonl``/``.json`` file must be JSON Lines of objects (or one array of them) with text in ``field``.
+
+    These are the two layouts the ``datasets`` JSON loader reads without being told a field.
+    Blank lines are skipped, as the loader skips them.
+    """
+    rows, has_text = 0, False
+    with open(path, "rb") as f:
+        head = f.read(_SNIFF_BYTES)
+        _check_not_binary(head, path, key)
+        f.seek(0)
+        if head.removeprefix(codecs.BOM_UTF8).lstrip().startswith(b"["):
+            _check_json_array(f.read().removeprefix(codecs.BOM_UTF8), path, key, field)
+            return
+        for number, raw in enumerate(f, start=1):
+            if number == 1:
+                raw = raw.removeprefix(codecs.BOM_UTF8)  # the loader strips it too
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise _not_utf8(path, key, number, raw, e.start) from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line.rstrip("\r\n"))  # an error at the end then points into the line, not past it
+            except json.JSONDecodeError as e:
+                raise ConfigError(
+                    f"{key}: {path!r} line {number} is not valid JSON ({e.msg} at column {e.colno}); "
+                    "fix the line: a .jsonl file holds one JSON object per line"
+                ) from None
+            rows += 1
+            has_text = _row_has_text(row, field, path, key, f"line {number}") or has_text
+    if not rows:
+        raise ConfigError(f"{key}: {path!r} holds only whitespace; put text in it or remove it from {key}")
+    if not has_text:
+        raise _no_text(path, key, field)
+
+
+def _check_json_array(raw: bytes, path: str, key: str, field: str) -> None:
+    """A JSON file holding one array: of objects with text in ``field``, or of strings (a ``text`` column)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _not_utf8(path, key, 1, raw, e.start) from None
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(
+            f"{key}: {path!r} line {e.lineno} is not valid JSON ({e.msg} at column {e.colno}); fix the file"
+        ) from None
+    has_text = False
+    for number, item in enumerate(items, start=1):
+        if isinstance(item, str):  # the loader reads an array of strings as a "text" column
+            has_text = has_text or bool(item.strip())
+        else:
+            has_text = _row_has_text(item, field, path, key, f"array item {number}") or has_text
+    if not has_text:
+        raise _no_text(path, key, field)
+
+
+def _no_text(path: str, key: str, field: str) -> ConfigError:
+    return ConfigError(
+        f"{key}: {path!r} has no non-empty {field!r} (data.text_field) value; put text in it or remove it from {key}"
+    )
+
+
+def _json_kind(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):  # before int: bool is an int
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    return {dict: "object", list: "array", str: "string"}.get(type(value), type(value).__name__)
+
+
+def _row_has_text(row: object, field: str, path: str, key: str, where: str) -> bool:
+    """Whether one JSON row has non-empty text in ``field``; a row that cannot be a document is refused.
+
+    ``null`` counts as empty (the document is dropped, as an empty string is); anything else that
+    is not a string would make ``datasets`` fail or turn the text column into non-text.
+    """
+    if not isinstance(row, dict):
+        raise ConfigError(
+            f"{key}: {path!r} {where} is a JSON {_json_kind(row)}, not an object; "
+            f"write one object per line with the text in {field!r} (data.text_field)"
+        )
+    if field not in row:
+        fields = list(row)[:10]
+        raise ConfigError(
+            f"{key}: {path!r} {where} has no {field!r} field (data.text_field); "
+            f"its fields are {fields}; set data.text_field or fix the line"
+        )
+    value = row[field]
+    if value is None:
+        return False
+    if not isinstance(value, str):
+        raise ConfigError(
+            f"{key}: {path!r} {where}: {field!r} (data.text_field) is a {_json_kind(value)}, not a string; "
+            "store the text as a JSON string"
+        )
+    return bool(value.strip())
+
+
+def _check_parquet(path: str, key: str, field: str) -> None:
+    """A Parquet file must have rows and a string column ``field``; only its footer is read."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+        f.seek(max(0, os.path.getsize(path) - 4))
+        tail = f.read(4)
+    if head != b"PAR1" or tail != b"PAR1":
+        raise ConfigError(
+            f"{key}: {path!r} is not a Parquet file (no PAR1 markers); convert it, or give it its real extension"
+        )
+    try:
+        meta = pq.read_metadata(path)
+        schema = meta.schema.to_arrow_schema()
+    except pa.ArrowException as e:
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"{key}: {path!r} is not a readable Parquet file ({detail}); rewrite it") from None
+    if field not in schema.names:
+        raise ConfigError(
+            f"{key}: {path!r} has no column {field!r} (data.text_field); its columns are {schema.names[:10]}; "
+            "set data.text_field"
+        )
+    kind = schema.field(field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)):
+        raise ConfigError(
+            f"{key}: {path!r} column {field!r} (data.text_field) holds {kind}, not strings; "
+            "set data.text_field to the text column"
+        )
+    if meta.num_rows == 0:
+        raise ConfigError(f"{key}: {path!r} has no rows; put text in it or remove it from {key}")
 
 
 def _documents(ds: Dataset, field: str, where: object) -> Dataset:
@@ -259,10 +572,12 @@ def _documents(ds: Dataset, field: str, where: object) -> Dataset:
     return ds.rename_column(field, "text") if field != "text" else ds
 
 
-def _split_off(train: Dataset, fraction: float) -> tuple[Dataset, Dataset]:
+def _split_off(train: Dataset, fraction: float, source: str) -> tuple[Dataset, Dataset]:
+    """Hold out ``fraction`` of ``train`` for validation; ``source`` starts the error message."""
     if len(train) < 2:
         raise ConfigError(
-            "the train data holds fewer than 2 documents, too few to split off validation; add data.validation_files"
+            f"{source} holds {len(train)} document(s), too few to split off validation; "
+            "add data.validation_files or more documents (in .txt files a blank line separates documents)"
         )
     parts = train.train_test_split(test_size=fraction, seed=0)
     return parts["train"], parts["test"]
@@ -279,16 +594,19 @@ def load_or_train_tokenizer(cfg: DataConfig, train_texts: Iterable[str]) -> PreT
     is deterministic for the same texts (at most the first ``_TOKENIZER_TRAIN_CHARS`` characters).
 
     Raises:
-        ConfigError: ``cfg.tokenizer`` is not a directory or has no eos token.
+        ConfigError: ``cfg.tokenizer`` is not a tokenizer directory, fails to load, or has no eos token.
     """
     if cfg.tokenizer:
-        path = Path(cfg.tokenizer).expanduser()
-        if not path.is_dir():
+        path = _check_tokenizer_dir(cfg.tokenizer)
+        try:
+            tok = AutoTokenizer.from_pretrained(path)
+        except Exception as e:  # tokenizers raises bare Exception; the directory is the only input here
+            logger.debug("loading the tokenizer %s failed", path, exc_info=True)
+            detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise ConfigError(
-                f"data.tokenizer={cfg.tokenizer!r} is not a directory; "
-                "point it at a save_pretrained directory or unset it to train one"
-            )
-        tok = AutoTokenizer.from_pretrained(path)
+                f"data.tokenizer={cfg.tokenizer!r} cannot be loaded ({type(e).__name__}: {detail}); "
+                "point it at a directory written by save_pretrained, or unset it to train one"
+            ) from None
         if tok.eos_token_id is None:
             raise ConfigError(
                 f"data.tokenizer={cfg.tokenizer!r} has no eos token, which packing puts between documents; use another"
@@ -315,6 +633,30 @@ def load_or_train_tokenizer(cfg: DataConfig, train_texts: Iterable[str]) -> PreT
         unk_token=EOT,
         clean_up_tokenization_spaces=False,  # the cleanup rewrites " ." and friends, breaking code
     )
+
+
+def _check_tokenizer_dir(tokenizer: str) -> Path:
+    """``data.tokenizer`` as a path, refused unless it is a directory holding tokenizer files.
+
+    A cheap look at the names only, so :func:`prepare_data` can refuse a wrong directory (say a
+    model directory with only ``config.json``) before it reads any data.
+
+    Raises:
+        ConfigError: not a directory, or none of the files ``save_pretrained`` writes.
+    """
+    path = Path(tokenizer).expanduser()
+    if not path.is_dir():
+        raise ConfigError(
+            f"data.tokenizer={tokenizer!r} is not a directory; "
+            "point it at a save_pretrained directory or unset it to train one"
+        )
+    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+        raise ConfigError(
+            f"data.tokenizer={tokenizer!r} holds no tokenizer "
+            "(no tokenizer.json, tokenizer_config.json or vocabulary file); "
+            "point it at a directory written by save_pretrained, or unset it to train one"
+        )
+    return path
 
 
 def _first_chars(texts: Iterable[str], budget: int) -> Iterator[str]:
@@ -357,32 +699,84 @@ def prepare_data(cfg: DataConfig, seed: int) -> PreparedData:
     leaves a half-written cache. The lock relies on the file system honouring ``flock``; on a
     shared network file system prefer a node-local ``data.cache_dir``.
 
+    Bad data is refused with a :class:`ConfigError` of one line naming the key, the file (and
+    line) and the fix, meant for the launching process to report before any worker starts. A
+    failed call leaves nothing behind in the cache root: no build directory, no lock file it
+    created, no ``datasets`` cache (that lives inside the build), and no cache root it created.
+
     Args:
         cfg: the data section.
         seed: the run seed. The data does not depend on it (shuffling is the sampler's job), so
             runs that differ only in seed share one cache.
 
     Raises:
-        ConfigError: bad paths, or too little data for one validation/train block.
+        ConfigError: bad paths or file contents (see :func:`load_text`), a bad ``data.tokenizer``,
+            an unusable ``data.cache_dir``, or too little data for one validation/train block.
     """
     del seed  # see docstring: the prepared data is seed-independent by design
     key, spec = _cache_key(cfg)
     root = _cache_root(cfg)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / key
-    if not final.is_dir():  # fast path: a completed cache needs no lock, it only ever appears whole
-        lock = FileLock(str(root / f"{key}.lock"))
+    if final.is_dir():  # fast path: a completed cache needs no lock, it only ever appears whole
+        return _load(final, key)
+    if cfg.tokenizer:
+        _check_tokenizer_dir(cfg.tokenizer)  # before anything is read or written
+    created = _missing_dirs(root)
+    try:
         try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            logger.info("waiting for another process to build the data cache %s", final)
-            lock.acquire()
-        try:
-            if not final.is_dir():
-                _build_atomically(cfg, spec, root, key)
-        finally:
-            lock.release()
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(
+                f"data.cache_dir: cannot create {str(root)!r} ({e.strerror or e}); "
+                "set data.cache_dir to a writable directory"
+            ) from None
+        if not os.access(root, os.W_OK | os.X_OK):  # else the lock file fails with a traceback
+            raise ConfigError(
+                f"data.cache_dir: {str(root)!r} is not writable; set data.cache_dir to a writable directory"
+            )
+        _build_under_lock(cfg, spec, root, key)
+    except BaseException:
+        for directory in created:  # deepest first; rmdir leaves alone what another process has filled meanwhile
+            try:
+                directory.rmdir()
+            except OSError:
+                break
+        raise
     return _load(final, key)
+
+
+def _missing_dirs(path: Path) -> list[Path]:
+    """``path`` and those of its parents that do not exist yet, deepest first."""
+    missing, path = [], path.absolute()
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def _build_under_lock(cfg: DataConfig, spec: dict, root: Path, key: str) -> None:
+    """Build ``root/key`` unless another process has, holding ``root/key.lock`` meanwhile.
+
+    A failed build deletes the lock file while still holding it. That is safe for processes
+    waiting on it: ``filelock`` notices that the file it locked has been unlinked and starts over
+    with a new one (and then, finding no cache, builds itself).
+    """
+    final, lock_path = root / key, root / f"{key}.lock"
+    lock = FileLock(str(lock_path))
+    try:
+        lock.acquire(timeout=_QUIET_WAIT_SECONDS)
+    except Timeout:
+        logger.info("waiting for another process to build the data cache %s", final)
+        lock.acquire()
+    try:
+        if not final.is_dir():
+            try:
+                _build_atomically(cfg, spec, root, key)
+            except BaseException:
+                lock_path.unlink(missing_ok=True)
+                raise
+    finally:
+        lock.release()
 
 
 def _cache_root(cfg: DataConfig) -> Path:
@@ -444,9 +838,16 @@ def _build_atomically(cfg: DataConfig, spec: dict, root: Path, key: str) -> None
 
 
 def _build(cfg: DataConfig, spec: dict, out: Path) -> None:
-    """Run the whole pipeline into ``out``: tokenizer/, train/, validation/, meta.json."""
+    """Run the whole pipeline into ``out``: tokenizer/, train/, validation/, meta.json.
+
+    Raises:
+        ConfigError: bad data (see :func:`load_text`), or a split too small for one block.
+    """
     logger.info("building data cache %s", out)
-    texts = load_text(cfg)
+    # datasets' cache of the parsed files lives in the build, not beside it: a failed build
+    # takes it along, and a finished one drops it below, as the packed blocks replace it.
+    hf_cache = out / "hf_datasets"
+    texts = load_text(cfg, hf_cache=hf_cache)
     tokenizer = load_or_train_tokenizer(cfg, _iter_text(texts["train"]))
     tokenizer.save_pretrained(out / "tokenizer")
     scratch = out / "tokenized"
@@ -466,19 +867,41 @@ def _build(cfg: DataConfig, spec: dict, out: Path) -> None:
         )
         packed, num_tokens = _pack(tokenized, tokenizer.eos_token_id, cfg.seq_len)
         if len(packed) == 0:
-            raise ConfigError(
-                f"the {split} split has {num_tokens} tokens, less than one block of data.seq_len={cfg.seq_len}; "
-                + (
-                    "lower data.seq_len or raise data.validation_fraction"
-                    if split == "validation"
-                    else "lower data.seq_len or raise data.max_documents"
-                )
-            )
+            raise ConfigError(_too_little_data(cfg, split, num_tokens))
         packed.save_to_disk(str(out / split))
         meta["documents"][split], meta["blocks"][split], meta["tokens"][split] = len(docs), len(packed), num_tokens
         del tokenized
     shutil.rmtree(scratch, ignore_errors=True)
+    shutil.rmtree(hf_cache, ignore_errors=True)
     (out / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+
+
+def _too_little_data(cfg: DataConfig, split: str, num_tokens: int) -> str:
+    """The one-line error for a ``split`` with fewer than ``cfg.seq_len`` tokens, naming what to change."""
+    block = f"has {num_tokens} tokens, fewer than one block of data.seq_len={cfg.seq_len}"
+    if split == "train":
+        capped = cfg.max_documents is not None
+        if cfg.source == "files":
+            return (
+                f"data.train_files: the train split from {_names(cfg.train_files)} {block}; "
+                f"add text{', raise data.max_documents' if capped else ''} or lower data.seq_len"
+            )
+        return (
+            f"data.seq_len={cfg.seq_len}: the train split of data.name={cfg.name!r} {block}; "
+            f"lower data.seq_len{' or raise data.max_documents' if capped else ''}"
+        )
+    if cfg.source == "files" and cfg.validation_files:
+        return (
+            f"data.validation_files: the validation split from {_names(cfg.validation_files)} {block}; "
+            "add text or lower data.seq_len"
+        )
+    if cfg.source == "hub":
+        return f"data.seq_len={cfg.seq_len}: the validation split of data.name={cfg.name!r} {block}; lower data.seq_len"
+    files = ", set data.validation_files" if cfg.source == "files" else ""
+    return (
+        f"data.validation_fraction={cfg.validation_fraction}: the validation split held out of the train data {block}; "
+        f"raise data.validation_fraction{files} or lower data.seq_len"
+    )
 
 
 def _iter_text(ds: Dataset) -> Iterator[str]:

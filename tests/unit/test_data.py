@@ -164,9 +164,29 @@ def test_empty_validation_raises_config_error(tmp_path):
         seq_len=64,
         cache_dir=str(tmp_path / "cache"),
     )
-    with pytest.raises(ConfigError, match="data.seq_len.*data.validation_fraction"):
+    with pytest.raises(ConfigError, match=r"^data.validation_files: .*val.txt.* data.seq_len=64; add text or lower"):
         data.prepare_data(cfg, seed=0)
-    assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")] == ["hf_datasets"]
+    assert not (tmp_path / "cache").exists()  # a failed build leaves no cache root, lock or datasets cache
+
+
+@pytest.mark.parametrize(
+    "overrides,split,start,fix",
+    [
+        ({}, "train", "data.seq_len=64: the train split of data.name='code'", "; lower data.seq_len"),
+        ({"max_documents": 5}, "train", "data.seq_len=64: ", "; lower data.seq_len or raise data.max_documents"),
+        ({}, "validation", "data.validation_fraction=0.02: the validation split held out of the train data",
+         "; raise data.validation_fraction or lower data.seq_len"),
+        ({"source": "files", "train_files": ["a.txt"]}, "validation", "data.validation_fraction=0.02: ",
+         "; raise data.validation_fraction, set data.validation_files or lower data.seq_len"),
+        ({"source": "files", "train_files": ["a.txt", "b.txt", "c.txt", "d.txt"], "max_documents": 9}, "train",
+         "data.train_files: the train split from 'a.txt', 'b.txt', 'c.txt' and 1 more",
+         "; add text, raise data.max_documents or lower data.seq_len"),
+    ],
+)
+def test_too_little_data_message_names_the_key_to_change(overrides, split, start, fix):
+    message = data._too_little_data(DataConfig(seq_len=64, **overrides), split, 40)
+    assert message.startswith(start) and message.endswith(fix)
+    assert "has 40 tokens, fewer than one block of data.seq_len=64" in message
 
 
 # -- cache -------------------------------------------------------------------------------------

@@ -1,0 +1,329 @@
+"""Bad data is refused by ``prepare_data`` with one line naming the key, the file (and line) and the fix,
+and a failed preparation leaves nothing behind: no build directory, lock file, ``datasets`` cache or
+cache root.
+
+Every test builds its config the way the CLI does (``load_config`` on the tiny config plus
+overrides) and calls ``prepare_data``, which the CLI runs in the launching process before any
+worker starts.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from distrib import data
+from distrib.config import ConfigError, load_config
+from tests.conftest import ROOT
+
+TINY = str(ROOT / "configs/pretrain/tiny.yaml")
+
+#: Small enough that a good build takes about a second.
+FAST = ["data.seq_len=32", "data.vocab_size=300"]
+
+#: A PNG header (its IHDR chunk length starts with NULs), as a picture renamed to .txt would begin.
+PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x10\x00\x00\x00\x10\x08\x06\x00\x00\x00"
+
+
+def snapshot(root: Path) -> set[str]:
+    """Every path under ``root``, files and directories, relative to it."""
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+def good_text(path: Path, paragraphs: int = 300) -> Path:
+    path.write_text("\n\n".join(f"Paragraph {i} holds a few plain words." for i in range(paragraphs)))
+    return path
+
+
+def config(tmp_path: Path, train: list[Path], *overrides: str):
+    """The data section of the tiny config reading ``train`` from files, cached under ``tmp_path/cache``."""
+    cfg = load_config(TINY, [
+        f"output_dir={tmp_path / 'run'}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "data.source=files",
+        f"data.train_files=[{','.join(str(p) for p in train)}]",
+        *FAST,
+        *overrides,
+    ])
+    return cfg.data
+
+
+def refused(tmp_path: Path, train: list[Path], *overrides: str) -> str:
+    """The one-line message ``prepare_data`` refuses this data with; asserts that nothing was written."""
+    before = snapshot(tmp_path)
+    with pytest.raises(ConfigError) as err:
+        data.prepare_data(config(tmp_path, train, *overrides), seed=0)
+    message = str(err.value)
+    assert "\n" not in message, message
+    assert snapshot(tmp_path) == before
+    assert not (tmp_path / "cache").exists()
+    return message
+
+
+# -- empty and non-text files ---------------------------------------------------------------------
+
+
+def test_empty_train_file(tmp_path):
+    bad = tmp_path / "empty.txt"
+    bad.write_bytes(b"")
+    assert refused(tmp_path, [bad]) == (
+        f"data.train_files: '{bad}' is empty; put text in it or remove it from data.train_files"
+    )
+
+
+@pytest.mark.parametrize("name", ["blank.txt", "blank.jsonl"])
+def test_whitespace_only_file(tmp_path, name):
+    bad = tmp_path / name
+    bad.write_text(" \n\n\t  \n\n")
+    assert refused(tmp_path, [bad]) == (
+        f"data.train_files: '{bad}' holds only whitespace; put text in it or remove it from data.train_files"
+    )
+
+
+@pytest.mark.parametrize("name", ["picture.txt", "picture.jsonl"])
+def test_binary_file_is_called_binary(tmp_path, name):
+    bad = tmp_path / name
+    bad.write_bytes(PNG + bytes(range(256)) * 4)
+    assert refused(tmp_path, [bad]) == (
+        f"data.train_files: '{bad}' is a binary file (it holds NUL bytes), not text; "
+        "give UTF-8 .txt/.jsonl/.json or .parquet files"
+    )
+
+
+def test_utf16_text_is_named_as_such(tmp_path):
+    bad = tmp_path / "wide.txt"
+    bad.write_text("some text\n", encoding="utf-16")
+    assert refused(tmp_path, [bad]) == (
+        f"data.train_files: '{bad}' is UTF-16 text; convert it to UTF-8, e.g. with iconv -f UTF-16 -t UTF-8"
+    )
+
+
+def test_non_utf8_text_names_file_and_line(tmp_path):
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes(b"first line\n\nsecond paragraph\ncaf\xe9 au lait\n")
+    assert refused(tmp_path, [bad]) == (
+        f"data.train_files: '{bad}' line 4 is not valid UTF-8 (byte 0xe9); "
+        "convert the file to UTF-8, e.g. with iconv -f <its encoding> -t UTF-8"
+    )
+
+
+def test_non_utf8_line_is_counted_across_read_chunks(tmp_path, monkeypatch):
+    # Tiny chunks split the two-byte "é"s of the good lines between reads: they must not be
+    # mistaken for errors, and the newlines of every earlier chunk must count.
+    monkeypatch.setattr(data, "_READ_CHUNK", 7)
+    bad = tmp_path / "mixed.txt"
+    bad.write_bytes("été\n".encode() * 20 + b"caf\xe9\n")
+    assert " line 21 is not valid UTF-8 (byte 0xe9)" in refused(tmp_path, [bad])
+
+
+def test_non_utf8_jsonl_names_file_and_line(tmp_path):
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    assert refused(tmp_path, [bad]).startswith(f"data.train_files: '{bad}' line 2 is not valid UTF-8 (byte 0xe9)")
+
+
+# -- malformed JSON -------------------------------------------------------------------------------
+
+
+def test_malformed_jsonl_names_file_and_line(tmp_path):
+    bad = tmp_path / "docs.jsonl"
+    bad.write_text('{"text": "one"}\n\n{"text": "two"}\nthis is not json\n{"text": "four"}\n')
+    assert refused(tmp_path, [bad]) == (
+        f"data.train_files: '{bad}' line 4 is not valid JSON (Expecting value at column 1); "
+        "fix the line: a .jsonl file holds one JSON object per line"
+    )
+
+
+@pytest.mark.parametrize(
+    "line,problem",
+    [
+        ('["a", "list"]', "line 2 is a JSON array, not an object; write one object per line with the text in 'text'"
+                          " (data.text_field)"),
+        ('"just a string"', "line 2 is a JSON string, not an object; write one object per line with the text in"
+                            " 'text' (data.text_field)"),
+        ('{"body": "x", "id": 2}', "line 2 has no 'text' field (data.text_field); its fields are ['body', 'id'];"
+                                   " set data.text_field or fix the line"),
+    ],
+    ids=["array", "string", "missing-field"],
+)
+def test_jsonl_line_without_text_object_names_file_line_and_field(tmp_path, line, problem):
+    bad = tmp_path / "docs.jsonl"
+    bad.write_text(f'{{"text": "one"}}\n{line}\n')
+    assert refused(tmp_path, [bad]) == f"data.train_files: '{bad}' {problem}"
+
+
+@pytest.mark.parametrize("value,kind", [("5", "number"), ("true", "boolean"), ('{"a": "b"}', "object")])
+def test_jsonl_text_field_that_is_not_a_string(tmp_path, value, kind):
+    bad = tmp_path / "docs.jsonl"
+    bad.write_text(json.dumps({"body": "one"}) + "\n" + f'{{"body": {value}}}\n')
+    assert refused(tmp_path, [bad], "data.text_field=body") == (
+        f"data.train_files: '{bad}' line 2: 'body' (data.text_field) is a {kind}, not a string; "
+        "store the text as a JSON string"
+    )
+
+
+def test_json_array_item_without_text_field(tmp_path):
+    bad = tmp_path / "docs.json"
+    bad.write_text(json.dumps([{"text": "one"}, {"txt": "two"}], indent=1))
+    assert refused(tmp_path, [bad]).startswith(f"data.train_files: '{bad}' array item 2 has no 'text' field")
+
+
+# -- the wrong kind of path -----------------------------------------------------------------------
+
+
+def test_empty_validation_file(tmp_path):
+    bad = tmp_path / "val.txt"
+    bad.write_bytes(b"")
+    message = refused(tmp_path, [good_text(tmp_path / "train.txt")], f"data.validation_files=[{bad}]")
+    assert message == (
+        f"data.validation_files: '{bad}' is empty; put text in it or remove it from data.validation_files"
+    )
+
+
+def test_directory_as_data_file_suggests_a_glob(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.jsonl").write_text('{"text": "one"}\n')
+    (corpus / "b.jsonl").write_text('{"text": "two"}\n')
+    assert refused(tmp_path, [corpus]) == (
+        f"data.train_files: '{corpus}' is a directory, not a file; "
+        f"name its files with a glob such as '{corpus}/*.jsonl'"
+    )
+
+
+def test_unsupported_extension(tmp_path):
+    bad = tmp_path / "table.csv"
+    bad.write_text("text\nhello\n")
+    assert refused(tmp_path, [bad]) == (
+        f"data.train_files: '{bad}' is not .txt/.jsonl/.json/.parquet; convert it or remove it"
+    )
+
+
+@pytest.mark.parametrize("contents", [{}, {"config.json": '{"model_type": "llama"}'}], ids=["empty", "config-only"])
+def test_tokenizer_dir_without_a_tokenizer(tmp_path, contents):
+    tokenizer = tmp_path / "tokenizer"
+    tokenizer.mkdir()
+    for name, text in contents.items():
+        (tokenizer / name).write_text(text)
+    message = refused(tmp_path, [good_text(tmp_path / "train.txt")], f"data.tokenizer={tokenizer}")
+    assert message == (
+        f"data.tokenizer='{tokenizer}' holds no tokenizer "
+        "(no tokenizer.json, tokenizer_config.json or vocabulary file); "
+        "point it at a directory written by save_pretrained, or unset it to train one"
+    )
+
+
+def test_tokenizer_that_fails_to_load(tmp_path):
+    tokenizer = tmp_path / "tokenizer"
+    tokenizer.mkdir()
+    (tokenizer / "tokenizer.json").write_text("{not json")
+    message = refused(tmp_path, [good_text(tmp_path / "train.txt")], f"data.tokenizer={tokenizer}")
+    assert message.startswith(f"data.tokenizer='{tokenizer}' cannot be loaded (")
+    assert message.endswith("; point it at a directory written by save_pretrained, or unset it to train one")
+
+
+def test_cache_dir_that_is_a_file(tmp_path):
+    cache = tmp_path / "cache"
+    cache.write_text("not a directory")
+    before = snapshot(tmp_path)
+    with pytest.raises(ConfigError) as err:
+        data.prepare_data(config(tmp_path, [good_text(tmp_path / "train.txt")]), seed=0)
+    assert str(err.value) == (
+        f"data.cache_dir: cannot create '{cache}' (File exists); set data.cache_dir to a writable directory"
+    )
+    assert snapshot(tmp_path) == before | {"train.txt"}
+
+
+# -- too little data --------------------------------------------------------------------------------
+
+
+def test_train_data_smaller_than_one_block(tmp_path):
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("hello\n\nworld")
+    message = refused(tmp_path, [tiny], f"data.validation_files=[{good_text(tmp_path / 'val.txt')}]")
+    assert message.startswith(f"data.train_files: the train split from '{tiny}' has ")
+    assert message.endswith(" tokens, fewer than one block of data.seq_len=32; add text or lower data.seq_len")
+
+
+def test_validation_data_smaller_than_one_block(tmp_path):
+    tiny = tmp_path / "val.txt"
+    tiny.write_text("a short validation text")
+    message = refused(tmp_path, [good_text(tmp_path / "train.txt")], f"data.validation_files=[{tiny}]")
+    assert message.startswith(f"data.validation_files: the validation split from '{tiny}' has ")
+    assert message.endswith(" tokens, fewer than one block of data.seq_len=32; add text or lower data.seq_len")
+
+
+def test_single_document_cannot_be_split_for_validation(tmp_path):
+    one = tmp_path / "one.txt"
+    one.write_text("one paragraph\nwithout any blank line")
+    assert refused(tmp_path, [one]) == (
+        f"data.train_files: '{one}' holds 1 document(s), too few to split off validation; "
+        "add data.validation_files or more documents (in .txt files a blank line separates documents)"
+    )
+
+
+# -- repeated failures, existing caches, the good path --------------------------------------------------
+
+
+def test_same_bad_file_twice_gives_the_same_line_and_writes_nothing(tmp_path):
+    bad = tmp_path / "docs.jsonl"
+    bad.write_text('{"text": "one"}\n{oops}\n')
+    first = refused(tmp_path, [bad])
+    assert refused(tmp_path, [bad]) == first
+    assert first.startswith(f"data.train_files: '{bad}' line 2 is not valid JSON")
+
+
+def test_failure_in_an_existing_cache_leaves_only_the_earlier_build(tmp_path):
+    good = good_text(tmp_path / "good.txt")
+    data.prepare_data(config(tmp_path, [good]), seed=0)
+    before = snapshot(tmp_path)
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("too\n\nlittle")
+    with pytest.raises(ConfigError, match="fewer than one block"):
+        data.prepare_data(config(tmp_path, [tiny], f"data.validation_files=[{good}]"), seed=0)
+    assert snapshot(tmp_path) - before == {"tiny.txt"}  # no <key>.lock, .tmp-* or datasets cache of the failure
+
+
+def test_good_file_builds_then_hits_the_cache(tmp_path, monkeypatch, caplog):
+    cfg = config(tmp_path, [good_text(tmp_path / "train.txt")])
+    with caplog.at_level(logging.INFO, logger=data.__name__):
+        first = data.prepare_data(cfg, seed=0)
+    assert len(first.train) > 0 and len(first.validation) > 0
+    assert first.train[:]["input_ids"].shape[1] == 32
+    assert not (first.cache_path / "hf_datasets").exists()  # the parsed files went with the build
+    assert "waiting for another process" not in caplog.text  # nobody else was building
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("cache miss: data was rebuilt")
+
+    monkeypatch.setattr(data, "_build", no_build)
+    second = data.prepare_data(cfg, seed=1)
+    assert second.fingerprint == first.fingerprint and second.cache_path == first.cache_path
+    assert (second.train[:]["input_ids"] == first.train[:]["input_ids"]).all()
+
+
+def test_waiting_for_a_build_elsewhere_is_logged_only_when_it_takes_a_while(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(data, "_QUIET_WAIT_SECONDS", 0.2)
+    cfg = config(tmp_path, [good_text(tmp_path / "train.txt")])
+    root = data._cache_root(cfg)
+    root.mkdir()
+    # Another process's build: a flock on a descriptor of its own, released after a second.
+    other = os.open(root / f"{data._cache_key(cfg)[0]}.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(other, fcntl.LOCK_EX)
+    releaser = threading.Timer(1.0, os.close, [other])
+    releaser.start()
+    try:
+        with caplog.at_level(logging.INFO, logger=data.__name__):
+            start = time.monotonic()
+            data.prepare_data(cfg, seed=0)
+        assert time.monotonic() - start >= 0.9
+    finally:
+        releaser.join()
+    assert "waiting for another process to build the data cache" in caplog.text
