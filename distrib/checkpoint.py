@@ -12,7 +12,10 @@ Layout under ``<output_dir>/checkpoints/``::
         universal/             made on demand when resuming at another data-parallel size
 
 A crash at any point leaves either the previous ``latest`` or the new one, never a partial
-checkpoint behind ``latest``; stale ``*.tmp`` directories are removed at the next save.
+checkpoint behind ``latest``; stale ``*.tmp`` directories are removed when the next run starts.
+Every checkpoint records its run's lineage (``run_id``, kept across resumes); ``keep_last`` prunes
+only this lineage's checkpoints, by step number, so a run never deletes another run's checkpoints
+nor the one it just wrote.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ import random
 import shutil
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
+import uuid
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from typing import TYPE_CHECKING
@@ -31,6 +35,7 @@ from typing import TYPE_CHECKING
 import torch
 import yaml
 
+from distrib import faults
 from distrib.config import Config, ConfigError, config_diff
 from distrib.utils import log_main
 
@@ -52,19 +57,58 @@ class TrainState:
     tp: int = 1
     zero_stage: int = 0
     config_hash: str = ""
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # the lineage: same across resumes
+    max_steps: int = 0  # the schedule's length when saved (a resume may extend it)
+
+
+def is_complete(path: Path) -> bool:
+    return (path / "trainer_state.json").is_file()
 
 
 def latest_checkpoint(root: Path) -> Path | None:
-    """The checkpoint ``latest`` names, or None when the run has none."""
+    """The checkpoint ``latest`` names, or None when the run has none.
+
+    Raises:
+        ConfigError: ``latest`` names a checkpoint that is missing or incomplete. Starting from step 0
+            instead would silently throw the run away.
+    """
     marker = root / "latest"
     if not marker.is_file():
         return None
-    path = root / marker.read_text().strip()
-    return path if (path / "trainer_state.json").is_file() else None
+    name = marker.read_text().strip()
+    path = root / name
+    if not is_complete(path):
+        others = sorted(p.name for p in root.glob("step_*") if is_complete(p))
+        hint = (f"write the name of a complete one ({', '.join(others[-3:])}) into it to resume from there"
+                if others else "no complete checkpoint is left to resume from")
+        raise ConfigError(
+            f"{marker} names {name!r}, which is missing or incomplete; {hint}, or set checkpoint.resume=false "
+            "to start over"
+        )
+    return path
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint from what users pass: ``step_N``, ``checkpoints/latest``, ``checkpoints/`` or the run directory.
+
+    Raises:
+        ConfigError: nothing there is a complete checkpoint.
+    """
+    path = Path(path)
+    if is_complete(path):
+        return path
+    for root in (path.parent if path.name == "latest" else None, path, path / "checkpoints"):
+        if root is not None and (root / "latest").is_file():
+            return latest_checkpoint(root)
+    raise ConfigError(
+        f"{path} is not a distrib checkpoint; pass <output_dir>, <output_dir>/checkpoints/latest or "
+        "<output_dir>/checkpoints/step_N"
+    )
 
 
 def read_state(path: Path) -> TrainState:
-    return TrainState(**json.loads((path / "trainer_state.json").read_text()))
+    known = TrainState.__dataclass_fields__
+    return TrainState(**{k: v for k, v in json.loads((path / "trainer_state.json").read_text()).items() if k in known})
 
 
 def check_resumable(cfg: Config) -> Path | None:
@@ -79,6 +123,15 @@ def check_resumable(cfg: Config) -> Path | None:
     if path is None:
         return None
     saved = yaml.safe_load((path / "config.yaml").read_text())
+    old_steps, new_steps = saved.get("train", {}).get("max_steps"), cfg.train.max_steps
+    if isinstance(old_steps, int) and new_steps != old_steps:
+        step = read_state(path).step
+        if new_steps < max(old_steps, step):
+            raise ConfigError(
+                f"train.max_steps={new_steps} is below this run's {old_steps} (checkpoint at step {step}); "
+                f"a run can be extended, not shortened: set train.max_steps>={old_steps}, or use a new output_dir"
+            )
+        saved["train"]["max_steps"] = new_steps  # extending: the schedule is recomputed (logged at start)
     diffs = config_diff(saved, cfg.model_dump(mode="json"))
     if diffs:
         shown = "; ".join(diffs[:3]) + (f"; and {len(diffs) - 3} more" if len(diffs) > 3 else "")
@@ -113,36 +166,70 @@ class Checkpointer:
     def __init__(self, root: Path, topo: "Topology", cfg: Config, tokenizer):
         self.root, self.topo, self.cfg, self.tokenizer = root, topo, cfg, tokenizer
 
+    @staticmethod
+    def clean_partial_in(root: Path) -> None:
+        """Remove what a save killed half-way left behind (run at start, on rank 0, under the run lock)."""
+        for stale in root.glob("*.tmp"):
+            log_main(f"removing {stale.name}, a checkpoint whose save did not complete")
+            shutil.rmtree(stale, ignore_errors=True)
+
     def save(self, engine, state: TrainState) -> Path:
+        """Write a checkpoint of ``state`` and publish it; every rank takes part.
+
+        Raises:
+            TrainingError: the save failed on some rank (a full disk, say); the partial checkpoint is
+                removed and ``latest`` still names the previous one.
+        """
+        from distrib.trainer import TrainingError
+
         name = f"step_{state.step:08d}"
         final, tmp = self.root / name, self.root / f"{name}.tmp"
         if self.topo.is_main:
             self.root.mkdir(parents=True, exist_ok=True)
-            for stale in self.root.glob("*.tmp"):
-                shutil.rmtree(stale, ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)
         self.topo.barrier()
-        # ds_to_universal needs this key; AutoTP writes a richer one of its own (its TP merge patterns).
-        client = {} if getattr(engine.module, UNIVERSAL_KEY, None) else {UNIVERSAL_KEY: {"universal_checkpoint_version": 0.4}}
-        engine.save_checkpoint(str(self.root), tag=tmp.name, client_state=client, save_latest=False)
-        (tmp / "rng").mkdir(parents=True, exist_ok=True)
-        torch.save(_rng_state(), tmp / "rng" / f"rank_{self.topo.rank:05d}.pt")
-        self.topo.barrier()
+        error = None
+        try:
+            # ds_to_universal needs this key; AutoTP writes a richer one of its own (its TP merge patterns).
+            client = ({} if getattr(engine.module, UNIVERSAL_KEY, None)
+                      else {UNIVERSAL_KEY: {"universal_checkpoint_version": 0.4}})
+            engine.save_checkpoint(str(self.root), tag=tmp.name, client_state=client, save_latest=False)
+            (tmp / "rng").mkdir(parents=True, exist_ok=True)
+            torch.save(_rng_state(), tmp / "rng" / f"rank_{self.topo.rank:05d}.pt")
+            faults.at("save", self.topo.rank, state.step)
+            if self.topo.is_main:
+                (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=1))
+                (tmp / "config.yaml").write_text(self.cfg.to_yaml())
+                self.tokenizer.save_pretrained(tmp / "tokenizer")
+                _fsync_tree(tmp)
+        except OSError as e:
+            error = f"{e.strerror or e} ({e.filename or tmp})"
+        if self.topo.any(error is not None):  # every rank learns of any rank's failure, no one hangs
+            if self.topo.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            last = latest_checkpoint(self.root)
+            kept = f"{last.name} is intact" if last else "there is no earlier checkpoint"
+            raise TrainingError(
+                f"saving checkpoint {name} failed: {error or 'on another rank'}; the partial save was removed and "
+                f"{kept}; free space (or fix the file system) and run the same command to resume"
+            )
         if self.topo.is_main:
-            (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=1))
-            (tmp / "config.yaml").write_text(self.cfg.to_yaml())
-            self.tokenizer.save_pretrained(tmp / "tokenizer")
-            _fsync_tree(tmp)
-            if final.exists():  # a re-save of the same step (e.g. exit right after a periodic save)
+            if is_complete(final) and read_state(final).run_id != state.run_id:
+                # another run's checkpoint of the same step (this run started over): set it aside, keep it
+                os.replace(final, final.with_name(f"{final.name}-{read_state(final).run_id[:8]}"))
+            elif final.exists():  # a re-save of the same step (e.g. exit right after a periodic save)
                 shutil.rmtree(final)
             os.replace(tmp, final)
             _atomic_write(self.root / "latest", name)
-            self._prune()
+            self._prune(state.run_id)
         self.topo.barrier()
         return final
 
-    def _prune(self) -> None:
-        done = sorted(p for p in self.root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
-        for old in done[: -self.cfg.checkpoint.keep_last]:
+    def _prune(self, run_id: str) -> None:
+        """Keep this lineage's ``keep_last`` newest checkpoints (by step); never touch another run's."""
+        ours = [p for p in self.root.glob("step_*") if is_complete(p) and read_state(p).run_id == run_id]
+        ours.sort(key=lambda p: read_state(p).step)
+        for old in ours[: -self.cfg.checkpoint.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
 
     def needs_universal(self, path: Path) -> bool:

@@ -2,7 +2,7 @@
 
     distrib pretrain CONFIG [key.path=value ...] [--nproc-per-node N [--nnodes M --node-rank R
                      --rdzv-endpoint HOST:PORT] [--max-restarts K]]
-    distrib export CHECKPOINT OUT_DIR
+    distrib export CHECKPOINT|RUN_DIR OUT_DIR
     distrib plan CONFIG [key.path=value ...] --world-size N [--gpus-per-node G] [--gpu-memory-gib M]
 
 A training command runs as one worker of whatever launcher started it (torchrun, srun, mpirun),
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from distrib.config import ConfigError, load_config
 
@@ -36,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--rdzv-id", default="distrib", help="rendezvous id shared by the nodes of one job")
         p.add_argument("--max-restarts", type=int, default=0, help="restart failed workers up to K times")
     p = sub.add_parser("export", help="write a Hugging Face directory from a checkpoint")
-    p.add_argument("checkpoint", help="<output_dir>/checkpoints/step_N")
+    p.add_argument("checkpoint", help="<output_dir>/checkpoints/step_N, <output_dir>/checkpoints/latest or <output_dir>")
     p.add_argument("out_dir")
     p = sub.add_parser("plan", help="check a config for N ranks and estimate per-rank memory")
     p.add_argument("config")
@@ -47,9 +48,24 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _fail(msg: str) -> int:
-    print(f"distrib: error: {msg}", file=sys.stderr)
-    return EXIT_CONFIG
+EXIT_FAILED = 1
+
+
+def _fail(msg: str, code: int = EXIT_CONFIG) -> int:
+    """Say ``msg`` in one line (once per job: every rank finds the same problem) and return ``code``."""
+    if _launcher_rank() == 0:
+        print(f"distrib: error: {msg}", file=sys.stderr)
+    return code
+
+
+def _launcher_rank() -> int:
+    """This process's global rank as its launcher set it (0 when started by hand)."""
+    import os
+
+    for name in ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,9 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     args.command = argv[0]
     try:
         if args.command == "export":
+            from distrib.checkpoint import resolve_checkpoint
             from distrib.export import export_checkpoint
 
-            print(export_checkpoint(args.checkpoint, args.out_dir))
+            print(export_checkpoint(resolve_checkpoint(args.checkpoint), args.out_dir))
             return 0
         cfg = load_config(args.config, args.overrides)
         if args.command == "plan":
@@ -80,40 +97,101 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args, cfg) -> int:
+    """Run a training stage: checks, data, lock, then workers (started here or by a launcher).
+
+    Everything that can be found wrong is found here, in the process the user started, before a
+    worker or process group exists: the config, the world, the resume point and the data (prepared
+    into the shared cache now, so a bad file is one line, not a traceback per rank).
+    """
     from distrib.checkpoint import check_resumable
+    from distrib.data import prepare_data
+    from distrib.lock import RunLock, held_by_launcher
     from launch.env import LaunchEnvError, detect
 
     try:
         env = detect()
     except LaunchEnvError as e:
         return _fail(str(e))
-    if args.nproc_per_node is not None and env.launcher == "none":
-        if args.nproc_per_node < 1 or args.nnodes < 1:
-            return _fail("--nproc-per-node and --nnodes must be at least 1")
-        cfg.check_world(args.nproc_per_node * args.nnodes)
-        check_resumable(cfg)
+    local = args.nproc_per_node is not None and env.launcher == "none"
+    if args.nproc_per_node is not None and not local:
+        return _fail(f"--nproc-per-node is for starting workers by hand, but this process was started by {env.launcher} "
+                     f"with {env.world_size} ranks; drop --nproc-per-node (and --nnodes) and size the job with {env.launcher}")
+    if local and (args.nproc_per_node < 1 or args.nnodes < 1):
+        return _fail("--nproc-per-node and --nnodes must be at least 1")
+    world = args.nproc_per_node * args.nnodes if local else env.world_size
+    cfg.check_world(world)
+    resume_from = check_resumable(cfg)
+    if resume_from is not None and _finished(cfg, resume_from):
+        return 0
+    prepare_data(cfg.data, cfg.seed)  # bad data is one line here; workers after this hit the cache
+
+    if local:
         from launch.local import run_local
 
-        worker_argv = [args.command, args.config, *args.overrides]
-        return run_local(worker_argv, nproc_per_node=args.nproc_per_node, nnodes=args.nnodes,
-                         node_rank=args.node_rank, rdzv_endpoint=args.rdzv_endpoint, rdzv_id=args.rdzv_id,
-                         max_restarts=args.max_restarts)
+        # held by this process while its workers run (node 0's, when nodes share the file system)
+        lock = RunLock(cfg.output_dir).acquire() if args.node_rank == 0 else None
+        try:
+            worker_argv = [args.command, args.config, *args.overrides]
+            return run_local(worker_argv, nproc_per_node=args.nproc_per_node, nnodes=args.nnodes,
+                             node_rank=args.node_rank, rdzv_endpoint=args.rdzv_endpoint, rdzv_id=args.rdzv_id,
+                             max_restarts=args.max_restarts)
+        finally:
+            if lock is not None:
+                lock.release()
+
     from distrib.utils import StopRequest
 
     stop = StopRequest()
-    cfg.check_world(env.world_size)
-    resume_from = check_resumable(cfg)
     env.export()
+    from distrib.utils import quiet_other_ranks
+
+    quiet_other_ranks()  # before DeepSpeed is imported: its import already warns
 
     from distrib.stages import STAGES
     from distrib.topology import Topology
-    from distrib.trainer import Trainer
+    from distrib.trainer import Trainer, TrainingError
     from distrib.utils import setup_logging
 
     setup_logging()
-    topo = Topology.init(tp=cfg.parallel.tp)
+    topo = Topology.init(tp=cfg.parallel.tp, timeout_minutes=cfg.parallel.timeout_minutes)
+    lock = None
     try:
+        # Under srun or mpirun every process is a worker: rank 0 takes the lock, and all ranks learn
+        # whether it could before anything is written.
+        refused = None
+        if topo.is_main and not held_by_launcher(cfg.output_dir):
+            try:
+                lock = RunLock(cfg.output_dir).acquire()
+            except ConfigError as e:
+                refused = str(e)
+        if topo.any(refused is not None):
+            return _fail(refused or "another run holds output_dir")
         Trainer(cfg, topo, STAGES[args.command](), resume_from=resume_from, stop=stop).fit()
+    except TrainingError as e:
+        if topo.is_main or e.from_this_rank:
+            print(f"distrib: error: {e}", file=sys.stderr)
+        return EXIT_FAILED
     finally:
+        if lock is not None:
+            lock.release()
         topo.shutdown()
     return 0
+
+
+def _finished(cfg, checkpoint) -> bool:
+    """A run already at ``train.max_steps``: say so (exporting first if its export is missing), do nothing else."""
+    from distrib.checkpoint import read_state
+
+    step = read_state(checkpoint).step
+    if step < cfg.train.max_steps:
+        return False
+    hf = Path(cfg.output_dir) / "hf"
+    if cfg.export.at_end and not (hf / "config.json").is_file():
+        from distrib.export import export_checkpoint
+
+        export_checkpoint(checkpoint, hf)
+    if _launcher_rank() == 0:
+        where = f"; its export is {hf}" if (hf / "config.json").is_file() else ""
+        print(f"distrib: {cfg.output_dir} already finished at step {step}{where}; "
+              "raise train.max_steps to train it further", file=sys.stderr)
+    return True

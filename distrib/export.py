@@ -38,7 +38,7 @@ def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
 
         return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
     # ZeRO-0 in fp32 keeps whole weights (and the optimizer) in the model-states file.
-    state = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    state = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
     return {k: v.float() for k, v in state["module"].items()}
 
 
@@ -65,7 +65,7 @@ def export_checkpoint(ckpt: Path, out_dir: Path) -> Path:
         raise RuntimeError(f"checkpoint {ckpt} does not match the model: missing {missing}, unexpected {unexpected}")
     model.tie_weights()
     model = model.to(dtype)
-    model.config.torch_dtype = dtype
+    model.config.dtype = dtype
     model.config.use_cache = True
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -7,7 +7,10 @@ inside their tp group form a data-parallel group. Every process group of a run i
 
 from __future__ import annotations
 
+import json
 import os
+import threading
+import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -15,6 +18,10 @@ import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
+
+
+#: Where a rank can be inside an optimizer step, in order.
+PHASES = ("forward", "backward", "step", "save")
 
 
 @dataclass
@@ -32,6 +39,9 @@ class Topology:
     tp: int
     dp_group: object = field(default=None, repr=False)
     tp_group: object = field(default=None, repr=False)
+    timeout_s: float = 1800.0
+    _position: tuple = field(default=(0, 0, 0), repr=False)
+    _beat: object = field(default=None, repr=False)
 
     @property
     def dp(self) -> int:
@@ -72,15 +82,18 @@ class Topology:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         accel.set_device(local_rank)
         topo = cls(world_size=world, rank=rank, local_rank=local_rank, tp=tp)
-        # new_group is collective: every rank creates every group, in the same order.
+        topo.timeout_s = timeout_minutes * 60
+        # new_group is collective: every rank creates every group, in the same order. Groups do not
+        # inherit the default group's timeout: pass it, or a hung collective waits 30 minutes.
+        timeout = timedelta(minutes=timeout_minutes)
         for k in range(topo.dp):
             ranks = list(range(k * tp, (k + 1) * tp))
-            group = dist.new_group(ranks)
+            group = dist.new_group(ranks, timeout=timeout)
             if rank in ranks:
                 topo.tp_group = group
         for j in range(tp):
             ranks = list(range(j, world, tp))
-            group = dist.new_group(ranks)
+            group = dist.new_group(ranks, timeout=timeout)
             if rank in ranks:
                 topo.dp_group = group
         if tp > 1:
@@ -102,10 +115,52 @@ class Topology:
     def barrier(self) -> None:
         dist.barrier()
 
-    def all_reduce_mean_dp(self, value: torch.Tensor) -> torch.Tensor:
-        value = value.detach().clone().float()
+    def all_reduce_sum_dp(self, value: torch.Tensor) -> torch.Tensor:
+        """Sum over the data-parallel ranks (float64, so that token counts and loss sums stay exact)."""
+        value = value.detach().to(self.device, torch.float64, copy=True)
         dist.all_reduce(value, group=self.dp_group)
-        return value / self.dp
+        return value
+
+    # -- who is late: where each rank is, in the rendezvous store ---------------------------------
+    def mark(self, step: int, micro: int, phase: str) -> None:
+        """Record where this rank is (``phase``: forward, backward, step or save).
+
+        Only a local assignment: a daemon thread copies it to the rendezvous store once a second when
+        it changed, so the hot loop never waits on the network, and after a collective timeout (many
+        seconds) every waiting rank's entry is current while a hung rank's shows where it stopped.
+        """
+        self._position = (step, micro, PHASES.index(phase))
+        if self._beat is None:
+            self._beat = threading.Thread(target=self._publish, name="distrib-heartbeat", daemon=True)
+            self._beat.start()
+
+    def _publish(self) -> None:
+        store, sent = _store(), None
+        while store is not None:
+            pos = self._position
+            if pos != sent:
+                try:
+                    store.set(f"distrib/position/{self.rank}", json.dumps(pos))
+                    sent = pos
+                except Exception:  # the store's host is gone: nothing left to report to
+                    return
+            time.sleep(1.0)
+
+    def who_is_late(self) -> str:
+        """One line naming the ranks that were behind this one when a collective timed out here."""
+        store, mine, late = _store(), self._position, []
+        if store is not None:
+            store.set_timeout(timedelta(seconds=10))
+            for r in range(self.world_size):
+                try:
+                    pos = tuple(json.loads(store.get(f"distrib/position/{r}").decode()))
+                except Exception:  # the store went down with its host rank, or r never reported
+                    pos = None
+                if r != self.rank and (pos is None or pos < mine):
+                    late.append(f"rank {r} ({_where(pos)})")
+        who = ", ".join(late) if late else "another rank"
+        return (f"a collective timed out after {self.timeout_s / 60:g} min on rank {self.rank} at {_where(mine)}: "
+                f"{who} did not arrive; see that rank's log (parallel.timeout_minutes sets the wait)")
 
     def max(self, value: float) -> float:
         """The largest ``value`` over all ranks, on every rank."""
@@ -143,3 +198,18 @@ class Topology:
     def shutdown(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _store():
+    """The default process group's key-value store (the rendezvous store), or None."""
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except Exception:
+        return None
+
+
+def _where(pos) -> str:
+    if pos is None:
+        return "no report"
+    step, micro, phase = pos
+    return f"step {step}, micro-batch {micro}, {PHASES[phase]}"

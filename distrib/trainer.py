@@ -10,23 +10,42 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 
+from distrib import faults
 from distrib.checkpoint import Checkpointer, TrainState, latest_checkpoint
 from distrib.config import Config
 from distrib.data import GlobalBatchSampler, collate, prepare_data
-from distrib.metrics import MetricsLogger, measure_peak_tflops
+from distrib.metrics import MetricsLogger, keep_rows_through, measure_peak_tflops
 from distrib.model import count_parameters, flops_per_token, hf_config
 from distrib.parallelize import build_engine, deepspeed_config, torch_dtype
 from distrib.tensor_parallel import apply_plan
 from distrib.topology import Topology
 from distrib.utils import StopRequest, log_main
 
-#: loss = objective(engine, batch); the engine's forward is the (wrapped) trainable model.
-Objective = Callable[[torch.nn.Module, dict], torch.Tensor]
+#: Label of positions that carry no loss (prompt tokens, padding), as in ``transformers``.
+IGNORE_INDEX = -100
+
+
+@dataclass
+class LossOut:
+    """A micro-batch's loss as sums, so that the loop can weigh every target token of the global batch once.
+
+    Attributes:
+        total: sum of the per-token losses over the target tokens (what is optimised).
+        tokens: number of target tokens.
+        parts: named components, each also summed over the target tokens (logged as ``loss/<name>``).
+    """
+
+    total: torch.Tensor
+    tokens: torch.Tensor
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class Stage(Protocol):
@@ -37,13 +56,22 @@ class Stage(Protocol):
     def build_model(self, cfg: Config, hf_cfg, dtype: torch.dtype) -> torch.nn.Module:
         """The model to train, with frozen parts already frozen."""
 
-    def objective(self) -> Objective:
-        """The training (and evaluation) loss."""
+    def loss(self, model: torch.nn.Module, batch: dict) -> LossOut:
+        """The training (and evaluation) loss of one micro-batch, as sums over its target tokens."""
 
 
-def causal_lm_loss(engine: torch.nn.Module, batch: dict) -> torch.Tensor:
-    """Mean next-token cross-entropy over the batch (every position of a packed block counts)."""
-    return engine(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
+def target_tokens(labels: torch.Tensor) -> torch.Tensor:
+    """How many positions of ``labels`` are predicted (the first position of each row never is)."""
+    return (labels[:, 1:] != IGNORE_INDEX).sum()
+
+
+def causal_lm_loss(model: torch.nn.Module, batch: dict) -> LossOut:
+    """Next-token cross-entropy summed over the target tokens (``labels`` != -100), in fp32."""
+    logits = model(input_ids=batch["input_ids"]).logits
+    labels = batch["labels"][:, 1:]
+    total = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
+                            reduction="sum")
+    return LossOut(total=total, tokens=(labels != IGNORE_INDEX).sum())
 
 
 class Trainer:
@@ -59,6 +87,7 @@ class Trainer:
         if topo.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(cfg.to_yaml())
+            Checkpointer.clean_partial_in(self.out / "checkpoints")
         self.data = prepare_data(cfg.data, cfg.seed)
         if topo.is_main:
             self.data.tokenizer.save_pretrained(self.out / "tokenizer")
@@ -77,14 +106,20 @@ class Trainer:
         if topo.tp > 1:
             ds_config = apply_plan(model, cfg, ds_config)
         self.engine = build_engine(model, cfg, topo, ds_config)
-        self.objective = stage.objective()
+        # DeepSpeed reports no gradient norm for a plain fp32 optimizer (ZeRO-0): measure it ourselves.
+        self.own_grad_norm = cfg.parallel.zero_stage == 0 and cfg.precision == "fp32"
+        self.skip_nonfinite = cfg.train.nonfinite == "skip"
 
-        self.state = TrainState(world_size=topo.world_size, dp=topo.dp, tp=topo.tp,
-                                zero_stage=cfg.parallel.zero_stage, config_hash=cfg.identity_hash())
+        self.state = TrainState(world_size=topo.world_size, dp=topo.dp, tp=topo.tp, zero_stage=cfg.parallel.zero_stage,
+                                config_hash=cfg.identity_hash(), max_steps=cfg.train.max_steps)
         if resume_from is not None:
             prev = self.ckpt.load(self.engine, resume_from, universal)
             self.state.step, self.state.samples_seen, self.state.tokens_seen = prev.step, prev.samples_seen, prev.tokens_seen
+            self.state.run_id = prev.run_id
             log_main(f"resumed from {resume_from} at step {prev.step} (saved with dp={prev.dp}, now dp={topo.dp})")
+            if prev.max_steps and prev.max_steps != cfg.train.max_steps:
+                log_main(f"train.max_steps raised from {prev.max_steps} to {cfg.train.max_steps}: the learning-rate "
+                         f"schedule is recomputed for {cfg.train.max_steps} steps")
             if universal:  # the saved per-rank RNG streams belong to another layout: start fresh ones
                 torch.manual_seed(cfg.seed + topo.rank + 1_000_003 * prev.step)
         else:
@@ -109,7 +144,10 @@ class Trainer:
         self.trace = None
         if cfg.data.trace_samples:
             (self.out / "trace").mkdir(parents=True, exist_ok=True)
-            self.trace = open(self.out / "trace" / f"samples-rank{topo.rank:05d}.jsonl", "a", buffering=1)
+            trace = self.out / "trace" / f"samples-rank{topo.rank:05d}.jsonl"
+            if resume_from is not None:  # rows name the step before it counts: keep those done before step k
+                keep_rows_through(trace, self.state.step - 1)
+            self.trace = open(trace, "a" if resume_from is not None else "w", buffering=1)
 
     def _build_model(self, ds_config: dict, dtype: torch.dtype) -> torch.nn.Module:
         if self.cfg.parallel.zero_stage != 3:
@@ -147,25 +185,49 @@ class Trainer:
             log_main(f"parameters per rank: {mine['param_numel'] / 1e6:.2f}M elements, {mine['param_bytes'] / 2**20:.1f} MiB")
 
     # -- pieces of the loop -------------------------------------------------------------------------
-    def _batch(self, indices) -> dict:
-        return {k: v.to(self.device) for k, v in collate(self.data.train, indices).items()}
+    def _batch(self, dataset, indices) -> dict:
+        batch = collate(dataset, indices)
+        batch.setdefault("labels", batch["input_ids"])  # packed text: every next token is a target
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def _global(self, local: list[torch.Tensor]) -> list[float]:
+        """Sums over the data-parallel ranks, in one collective."""
+        t = torch.stack([x.detach().float().reshape(()) for x in local]).to(self.device)
+        return self.topo.all_reduce_sum_dp(t).tolist()
 
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean validation loss over the first ``eval.max_samples`` blocks, whatever the dp size.
+    def evaluate(self) -> dict[str, float]:
+        """Validation loss over the first ``eval.max_samples`` blocks (all of them when fewer), at any dp size.
 
-        Every dp rank runs the same number of batches: under ZeRO-3 a forward is a collective.
+        Blocks go to the dp ranks a micro-batch at a time; the last micro-batch may be short, and a rank
+        with no block left runs an all-ignored batch, because under ZeRO-3 every forward is a collective
+        that every rank must join. The loss is the sum over every target token divided by their number.
         """
         m, dp = self.cfg.train.micro_batch_size, self.topo.dp
-        n_batches = min(self.cfg.eval.max_samples, len(self.data.validation)) // (m * dp)
+        n = min(self.cfg.eval.max_samples, len(self.data.validation))
+        rounds = math.ceil(n / (m * dp))
         self.engine.eval()
         total = torch.zeros((), device=self.device)
-        for b in range(n_batches):
-            start = (b * dp + self.topo.dp_rank) * m
-            batch = {k: v.to(self.device) for k, v in collate(self.data.validation, range(start, start + m)).items()}
-            total += self.objective(self.engine, batch).float()
+        tokens = torch.zeros((), device=self.device)
+        parts: dict[str, torch.Tensor] = {}
+        for r in range(rounds):
+            start = (r * dp + self.topo.dp_rank) * m
+            indices = range(min(start, n - 1), min(start + m, n)) if start < n else range(0, 1)
+            batch = self._batch(self.data.validation, indices)
+            if start >= n:  # nothing left for this rank: join the collectives, count nothing
+                batch["labels"] = torch.full_like(batch["labels"], IGNORE_INDEX)
+            out = self.stage.loss(self.engine, batch)
+            total += out.total.float()
+            tokens += out.tokens
+            for k, v in out.parts.items():
+                parts[k] = parts.get(k, 0) + v.float()
         self.engine.train()
-        return float(self.topo.all_reduce_mean_dp(total / max(1, n_batches)).item())
+        names = sorted(parts)
+        sums = self._global([total, tokens, *(parts[k] for k in names)])
+        count = max(sums[1], 1.0)
+        record = {"eval_loss": sums[0] / count, "eval_ppl": _ppl(sums[0] / count)}
+        record.update({f"eval_loss/{k}": v / count for k, v in zip(names, sums[2:])})
+        return record
 
     def _should_stop(self, steps_this_run: int) -> bool:
         t = self.cfg.train
@@ -175,55 +237,120 @@ class Trainer:
         return self.topo.any(local)  # every rank must agree, or the collectives of the save would hang
 
     def train_step(self) -> dict:
-        """One optimizer step over the global batch; returns its metrics."""
+        """One optimizer step over the global batch; returns its metrics.
+
+        The loss of the step is the sum of the per-token losses over every target token of the global
+        batch (all micro-batches, all dp ranks) divided by their number, so micro-batches holding
+        different numbers of target tokens weigh by their tokens. DeepSpeed divides each micro-batch's
+        loss by the accumulation steps and averages gradients over dp; scaling by ``dp * accum / N``
+        undoes both, leaving d(sum / N).
+        """
         start = time.perf_counter()
         lr = self.engine.get_lr()[0]
-        losses = []
         micro = self.sampler.micro_batches(self.state.step)
-        for indices in micro:
-            loss = self.objective(self.engine, self._batch(indices))
+        batches = [self._batch(self.data.train, indices) for indices in micro]
+        local_tokens = sum(target_tokens(b["labels"]) for b in batches)
+        global_tokens = max(self._global([local_tokens])[0], 1.0)
+        scale = self.topo.dp * len(batches) / global_tokens
+        total = torch.zeros((), device=self.device)
+        parts: dict[str, torch.Tensor] = {}
+        skipped, grad_norm = 0, None
+        step = self.state.step + 1
+        for i, batch in enumerate(batches):
+            self.topo.mark(step, i, "forward")
+            out = self.stage.loss(self.engine, batch)
+            if faults.at("step", self.topo.rank, step) == "nan":
+                out.total = out.total * float("nan")
+            # Under train.nonfinite=skip every micro-batch is checked (a sync per micro-batch); under
+            # stop the step's summed loss is checked once below, before anything is saved.
+            if self.skip_nonfinite and self.topo.any(not bool(torch.isfinite(out.total))):
+                skipped += 1
+                log_main(f"step {step}: a micro-batch's loss is not finite; "
+                         "left out of the step (train.nonfinite=skip)")
+                # Every rank redoes the micro-step with no target (zero gradient), so the collectives
+                # of ZeRO-3 and of the gradient reduction stay matched across ranks.
+                ignored = dict(batch, labels=torch.full_like(batch["labels"], IGNORE_INDEX))
+                loss = self.stage.loss(self.engine, ignored).total * 0.0
+            else:
+                loss = out.total * scale
+                total += out.total.detach().float()
+                for k, v in out.parts.items():
+                    parts[k] = parts.get(k, 0) + v.detach().float()
+            self.topo.mark(step, i, "backward")
             self.engine.backward(loss)
+            if i == len(batches) - 1 and self.own_grad_norm:
+                grad_norm = _grad_norm(self.engine)  # reduced gradients, before the step consumes them
+            self.topo.mark(step, i, "step")
             self.engine.step()
-            losses.append(loss.detach().float())
         if self.trace is not None:
             self.trace.write(json.dumps({"step": self.state.step, "rank": self.topo.rank,
                                          "indices": [int(i) for ix in micro for i in ix]}) + "\n")
-        loss = float(self.topo.all_reduce_mean_dp(torch.stack(losses).mean()).item())
+        names = sorted(parts)
+        sums = self._global([total, *(parts[k] for k in names)])
+        if not math.isfinite(sums[0]):
+            self._stop_nonfinite(step)
         self.state.step += 1
         self.state.samples_seen += self.cfg.train.global_batch_size
         self.state.tokens_seen += self.tokens_per_step
         elapsed = time.perf_counter() - start
-        grad_norm = self.engine.get_global_grad_norm()
+        if not self.own_grad_norm:
+            grad_norm = self.engine.get_global_grad_norm()
         tps = self.tokens_per_step / elapsed
-        return {
+        record = {
             "step": self.state.step,
-            "loss": loss,
+            "loss": sums[0] / global_tokens,
             "lr": lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "tokens_per_s": tps,
             "mfu": tps * self.flops_per_token / self.peak_flops,
             "tokens_seen": self.state.tokens_seen,
             "samples_seen": self.state.samples_seen,
+            "target_tokens": int(global_tokens),
         }
+        record.update({f"loss/{k}": v / global_tokens for k, v in zip(names, sums[1:])})
+        if skipped:
+            record["skipped_micro_batches"] = skipped
+        return record
+
+    def _stop_nonfinite(self, step: int) -> None:
+        last = latest_checkpoint(self.ckpt.root)
+        kept = f"the last checkpoint ({last.name}) is intact" if last else "no checkpoint was written yet"
+        raise TrainingError(
+            f"the loss is not finite at step {step}; stopped before saving, {kept}; lower train.lr or check "
+            "the data, or set train.nonfinite=skip to leave such micro-batches out"
+        )
 
     # -- the loop -----------------------------------------------------------------------------------
     def fit(self) -> TrainState:
+        """Train to ``train.max_steps`` (or until asked to stop), checkpoint, export.
+
+        Raises:
+            TrainingError: a non-finite loss under ``train.nonfinite=stop``, or a collective that timed
+                out (naming the ranks that did not arrive).
+        """
+        try:
+            return self._fit()
+        except (RuntimeError, dist.DistBackendError) as e:
+            if "timed out" not in str(e).lower() and "timeout" not in str(e).lower():
+                raise
+            raise TrainingError(self.topo.who_is_late(), from_this_rank=True) from None
+
+    def _fit(self) -> TrainState:
         cfg, state = self.cfg, self.state
         if state.step == 0 and cfg.eval.at_start:
-            eval_loss = self.evaluate()
-            self.metrics.log({"step": 0, "eval_loss": eval_loss, "eval_ppl": _ppl(eval_loss)})
+            self.metrics.log({"step": 0, **self.evaluate()})
         steps_this_run, saved_at = 0, state.step
         while state.step < cfg.train.max_steps:
             record = self.train_step()
             steps_this_run += 1
             last = state.step == cfg.train.max_steps
             if state.step % cfg.eval.every_steps == 0 or last:
-                record["eval_loss"] = self.evaluate()
-                record["eval_ppl"] = _ppl(record["eval_loss"])
+                record.update(self.evaluate())
             if state.step % cfg.train.log_every_steps == 0 or last or "eval_loss" in record:
                 self.metrics.log(record)
             stop = not last and self._should_stop(steps_this_run)
             if state.step % cfg.checkpoint.every_steps == 0 or last or stop:
+                self.topo.mark(state.step, 0, "save")
                 self.ckpt.save(self.engine, state)
                 saved_at = state.step
             if stop:
@@ -246,6 +373,26 @@ class Trainer:
             export_checkpoint(path, self.out / "hf")
             log_main(f"exported {path.name} to {self.out / 'hf'}")
         self.topo.barrier()
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on, said in one line (the CLI prints it and exits 1).
+
+    Every rank raises it together, and rank 0 speaks; ``from_this_rank`` marks what only the raising
+    rank knows (which rank did not arrive at a collective), so that it speaks too.
+    """
+
+    def __init__(self, msg: str, from_this_rank: bool = False):
+        super().__init__(msg)
+        self.from_this_rank = from_this_rank
+
+
+def _grad_norm(engine) -> float:
+    """L2 norm of the reduced gradients of the trainable parameters (tensor-parallel slices counted once)."""
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    params = [p for p in engine.module.parameters() if p.grad is not None]
+    return float(clip_grad_norm_(params, max_norm=float("inf"), mpu=engine.mpu))
 
 
 def _ppl(loss: float) -> float:

@@ -1,4 +1,4 @@
-"""Stages of a base model's life. Each supplies models and an objective to the one Trainer."""
+"""Stages of a base model's life. Each supplies models and a loss to the one Trainer."""
 
 from distrib.stages.pretrain import PretrainStage
 

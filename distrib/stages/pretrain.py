@@ -6,7 +6,7 @@ import torch
 
 from distrib.config import Config
 from distrib.model import build_model
-from distrib.trainer import causal_lm_loss
+from distrib.trainer import LossOut, causal_lm_loss
 
 
 class PretrainStage:
@@ -15,5 +15,5 @@ class PretrainStage:
     def build_model(self, cfg: Config, hf_cfg, dtype: torch.dtype) -> torch.nn.Module:
         return build_model(cfg.model, hf_cfg, seed=cfg.seed, dtype=dtype)
 
-    def objective(self):
-        return causal_lm_loss
+    def loss(self, model: torch.nn.Module, batch: dict) -> LossOut:
+        return causal_lm_loss(model, batch)
