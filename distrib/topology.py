@@ -96,18 +96,22 @@ class Topology:
             group = dist.new_group(ranks, timeout=timeout)
             if rank in ranks:
                 topo.dp_group = group
-        if tp > 1:
-            topo._share_with_deepspeed()
+        topo._share_with_deepspeed()
         return topo
 
     def _share_with_deepspeed(self) -> None:
-        """Hand our groups to DeepSpeed, whose AutoTP would otherwise make its own mesh.
+        """Hand our groups to DeepSpeed, which would otherwise make its own without our timeout.
 
-        ``deepspeed.utils.groups._init_tp_mesh_device`` returns early when these are set; the
-        layout it would build, a (dp, tp) mesh with tp fastest, is the same as ours.
+        With tp = 1 ZeRO reduces over a clone of the world group that DeepSpeed makes on first use
+        (``groups._clone_world_group``): our dp group is that clone. With tp > 1,
+        ``deepspeed.utils.groups._init_tp_mesh_device`` returns early when the tp and dp groups are
+        set; the layout it would build, a (dp, tp) mesh with tp fastest, is the same as ours.
         """
         from deepspeed.utils import groups
 
+        if self.tp == 1:
+            groups._WORLD_GROUP = self.dp_group
+            return
         groups._TENSOR_MODEL_PARALLEL_GROUP = self.tp_group
         groups._MODEL_PARALLEL_GROUP = self.tp_group
         groups._DATA_PARALLEL_GROUP = self.dp_group

@@ -327,3 +327,26 @@ def test_waiting_for_a_build_elsewhere_is_logged_only_when_it_takes_a_while(tmp_
     finally:
         releaser.join()
     assert "waiting for another process to build the data cache" in caplog.text
+
+
+# -- through the command line, as a user meets it ---------------------------------------------------
+
+
+@pytest.mark.parametrize("content,expected", [
+    (b"caf\xe9 au lait\n", "line 1 is not valid UTF-8 (byte 0xe9)"),
+    (b"", "is empty; put text in it or remove it from data.train_files"),
+    (PNG, "is a binary file (it holds NUL bytes), not text"),
+], ids=["latin-1", "empty", "binary"])
+def test_cli_refuses_bad_data_in_one_line_exit_2_before_any_worker_or_file(tmp_path, capsys, content, expected):
+    from distrib.cli import main
+
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(content)
+    before = snapshot(tmp_path)
+    code = main(["pretrain", TINY, f"output_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}",
+                 "data.source=files", f"data.train_files=[{bad}]", *FAST, "--nproc-per-node", "2"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith(f"distrib: error: data.train_files: '{bad}' ") and expected in err
+    assert len(err.splitlines()) == 1, err
+    assert snapshot(tmp_path) == before  # no run directory, no cache, no lock
