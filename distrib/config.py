@@ -12,17 +12,206 @@ checkpoint so that a resume with a changed model, data or optimizer is refused.
 from __future__ import annotations
 
 import copy
+import difflib
 import hashlib
 import json
+import math
+import re
+import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    AllowInfNan,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 
 class ConfigError(ValueError):
     """A configuration problem, phrased as one line that names the key and the fix."""
+
+
+# -- YAML ------------------------------------------------------------------------------------
+
+
+class _Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that also reads ``1e3``, ``5e-5``, ``1E+3`` and ``1.0e3`` as floats.
+
+    PyYAML follows YAML 1.1, whose float pattern needs a dot and a signed exponent, so ``1e3``
+    and ``1.0e3`` were the *strings* '1e3' and '1.0e3' and ``train.max_steps=1e3`` was refused.
+    YAML 1.2 (and every JSON reader) reads them as numbers; so do we, in files and overrides alike.
+    Only implicit resolution changes: no new tags, nothing beyond ``safe_load``'s plain types.
+    """
+
+
+class _Dumper(yaml.SafeDumper):
+    """``yaml.SafeDumper`` that quotes strings :class:`_Loader` would read as floats (``output_dir: '1e3'``).
+
+    ``<output_dir>/config.yaml`` is a config file too: it must load back to the same values.
+    """
+
+
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
+for _cls in (_Loader, _Dumper):
+    _cls.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+0123456789."))
+
+
+def _parse_yaml(text: str) -> Any:
+    """``yaml.load`` with :class:`_Loader` (safe: plain scalars, lists and mappings only).
+
+    Raises:
+        ValueError: a one-line reason. PyYAML signals bad input with ``YAMLError`` but also with
+            ``ValueError`` (an impossible date such as 2024-13-45, ``!!int abc``) and deep nesting
+            with ``RecursionError``; all of them mean "this text is not a config we can read".
+    """
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+    except yaml.MarkedYAMLError as e:
+        reason = e.problem or e.context or type(e).__name__
+        mark = e.problem_mark or e.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ValueError(f"{_one_line(reason)}{where}") from None
+    except RecursionError:
+        raise ValueError(f"nested more than Python can parse; keep it under {_MAX_DEPTH} levels") from None
+    except (yaml.YAMLError, ValueError, TypeError, OverflowError) as e:
+        raise ValueError(_one_line(str(e)) or type(e).__name__) from None
+
+
+def _one_line(text: str) -> str:
+    """The first line of ``text`` (a library's message), without trailing punctuation."""
+    lines = str(text).splitlines()
+    return lines[0].strip().rstrip(".:") if lines else ""
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    """``value`` as the user would write it in YAML, on one line and at most ``limit`` characters."""
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif value is None:
+        text = "null"
+    elif isinstance(value, float) and not math.isfinite(value):
+        text = ".nan" if math.isnan(value) else (".inf" if value > 0 else "-.inf")
+    elif isinstance(value, int):
+        try:
+            text = str(value)
+        except ValueError:  # more digits than int -> str converts
+            text = f"<a {value.bit_length()}-bit integer>"
+    else:
+        text = repr(value)  # escapes newlines and other line breaks
+    return _clip(text, limit)
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _dotted(parts: Any) -> str:
+    """A key path for a message: ``train.lr``, or its repr if a user-typed part holds a line break or control character."""
+    text = ".".join(str(p) for p in parts)
+    return text if text.isprintable() else repr(text)
+
+
+#: Deepest nesting a config value may have; real configs use under 10 levels, and pydantic's
+#: serializer (config.yaml, the identity hash) gives up a little beyond 250.
+_MAX_DEPTH = 100
+
+
+def _check_tree(node: Any, source: str, path: tuple = (), _open: set | None = None, _done: set | None = None) -> None:
+    """Refuse what YAML can express but a config cannot: non-string keys, self-containing aliases, deep nesting.
+
+    A key YAML reads as a boolean or number (``on:``, ``yes:``, ``1:``) would otherwise surface as a
+    confusing schema error far from its cause; an alias that contains itself (``a: &x [*x]``) makes an
+    infinitely deep value, and a very deep one loads but cannot be dumped or hashed later, when the
+    run is already up. Shared aliases are fine and are visited once, so a "billion laughs" document
+    is checked in linear time.
+    """
+    _open = set() if _open is None else _open
+    _done = set() if _done is None else _done
+    if not isinstance(node, (dict, list)) or id(node) in _done:
+        return
+    where = _dotted(path) or "the top level"
+    if id(node) in _open:
+        raise ConfigError(
+            f"{source}: the YAML alias at {where} refers to a value that contains it; remove the recursive alias"
+        )
+    if len(path) >= _MAX_DEPTH:
+        raise ConfigError(
+            f"{source}: the value at {_clip(where, 100)} is nested more than {_MAX_DEPTH} levels deep; flatten it"
+        )
+    _open.add(id(node))
+    items = node.items() if isinstance(node, dict) else enumerate(node)
+    for key, child in items:
+        if isinstance(node, dict) and not isinstance(key, str):
+            under = f"under {where}" if path else "at the top level"
+            raise ConfigError(
+                f"{source}: key {_show(key)} {under} is not a string (YAML read it as {type(key).__name__}); "
+                "quote it in the YAML"
+            )
+        _check_tree(child, source, (*path, key), _open, _done)
+    _open.discard(id(node))
+    _done.add(id(node))
+
+
+# -- typed scalars ---------------------------------------------------------------------------
+
+
+def _whole_number(value: Any) -> Any:
+    """Before-validator of integer fields: no booleans, and floats only when they are whole.
+
+    YAML ``true`` is a Python ``bool``, an ``int`` subclass that pydantic would take as 1
+    (``model.hidden_size=true`` built a 1-wide model). Exponent notation gives floats
+    (``train.max_steps=1e3`` is 1000.0), which are accepted when integral.
+    """
+    if isinstance(value, bool):
+        raise PydanticCustomError("bool_for_int", "a boolean is not an integer")
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise PydanticCustomError("finite_number", "not a finite number")
+        if not value.is_integer():
+            raise PydanticCustomError("not_whole", "not a whole number")
+        return int(value)
+    return value
+
+
+def _real_number(value: Any) -> Any:
+    """Before-validator of float fields: no booleans, no integers beyond float's range.
+
+    Integers are fine (``train.lr=1`` is 1.0); ``true`` is not a number even though it is an int.
+    """
+    if isinstance(value, bool):
+        raise PydanticCustomError("bool_for_float", "a boolean is not a number")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise PydanticCustomError("finite_number", "not a finite number")  # before gt/ge, which .nan fails obscurely
+    if isinstance(value, int):
+        try:
+            float(value)
+        except OverflowError:
+            raise PydanticCustomError("too_large", "too large for a float") from None
+    return value
+
+
+def _no_nul(value: str) -> str:
+    """After-validator of path fields: a NUL character makes every ``os`` call raise ValueError, not OSError."""
+    if "\x00" in value:
+        raise PydanticCustomError("nul_in_path", "a path cannot hold a NUL character")
+    return value
+
+
+#: A filesystem path given as a string.
+PathStr = Annotated[str, AfterValidator(_no_nul)]
+#: An integer config field: YAML ints and whole floats (``1e3``), never booleans.
+Int = Annotated[int, BeforeValidator(_whole_number)]
+#: A float config field: finite ints or floats, never booleans, ``.nan`` or ``.inf``.
+Float = Annotated[float, BeforeValidator(_real_number), AllowInfNan(False)]
 
 
 class _Section(BaseModel):
@@ -37,18 +226,18 @@ class ModelConfig(_Section):
     """
 
     arch: Literal["llama", "gpt2"] = "llama"
-    pretrained: str | None = None
-    hidden_size: int = Field(256, gt=0)
-    num_layers: int = Field(4, gt=0)
-    num_heads: int = Field(4, gt=0)
-    num_kv_heads: int | None = Field(None, gt=0)
-    intermediate_size: int | None = Field(None, gt=0)
-    max_position_embeddings: int | None = Field(None, gt=0)
-    vocab_size: int | None = Field(None, gt=0)
-    rope_theta: float = Field(10000.0, gt=0)
+    pretrained: PathStr | None = None
+    hidden_size: Int = Field(256, gt=0)
+    num_layers: Int = Field(4, gt=0)
+    num_heads: Int = Field(4, gt=0)
+    num_kv_heads: Int | None = Field(None, gt=0)
+    intermediate_size: Int | None = Field(None, gt=0)
+    max_position_embeddings: Int | None = Field(None, gt=0)
+    vocab_size: Int | None = Field(None, gt=0)
+    rope_theta: Float = Field(10000.0, gt=0)
     tie_embeddings: bool = False
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    init_std: float = Field(0.02, gt=0)
+    dropout: Float = Field(0.0, ge=0.0, lt=1.0)
+    init_std: Float = Field(0.02, gt=0)
     activation_checkpointing: bool = False
 
     @model_validator(mode="after")
@@ -81,16 +270,16 @@ class DataConfig(_Section):
     source: Literal["builtin", "files", "hub"] = "builtin"
     name: str | None = "code"
     hub_config: str | None = None
-    train_files: list[str] = Field(default_factory=list)
-    validation_files: list[str] = Field(default_factory=list)
+    train_files: list[PathStr] = Field(default_factory=list)
+    validation_files: list[PathStr] = Field(default_factory=list)
     text_field: str = "text"
-    validation_fraction: float = Field(0.02, gt=0.0, lt=0.5)
-    max_documents: int | None = Field(None, gt=0)
-    seq_len: int = Field(256, gt=1)
-    tokenizer: str | None = None
-    vocab_size: int = Field(4096, ge=300)
-    num_proc: int = Field(2, gt=0)
-    cache_dir: str | None = None
+    validation_fraction: Float = Field(0.02, gt=0.0, lt=0.5)
+    max_documents: Int | None = Field(None, gt=0)
+    seq_len: Int = Field(256, gt=1)
+    tokenizer: PathStr | None = None
+    vocab_size: Int = Field(4096, ge=300)
+    num_proc: Int = Field(2, gt=0)
+    cache_dir: PathStr | None = None
     trace_samples: bool = False
 
     @model_validator(mode="after")
@@ -107,21 +296,23 @@ class DataConfig(_Section):
 class TrainConfig(_Section):
     """Optimisation and schedule. ``global_batch_size`` = micro batch x gradient accumulation x data-parallel size."""
 
-    max_steps: int = Field(100, gt=0)
-    micro_batch_size: int = Field(4, gt=0)
-    global_batch_size: int = Field(8, gt=0)
-    lr: float = Field(3e-4, gt=0.0)
-    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
-    warmup_steps: int = Field(10, ge=0)
+    max_steps: Int = Field(100, gt=0)
+    micro_batch_size: Int = Field(4, gt=0)
+    global_batch_size: Int = Field(8, gt=0)
+    lr: Float = Field(3e-4, gt=0.0)
+    min_lr_ratio: Float = Field(0.1, ge=0.0, le=1.0)
+    warmup_steps: Int = Field(10, ge=0)
     lr_decay: Literal["cosine", "linear", "constant"] = "cosine"
-    weight_decay: float = Field(0.1, ge=0.0)
-    beta1: float = Field(0.9, gt=0.0, lt=1.0)
-    beta2: float = Field(0.95, gt=0.0, lt=1.0)
-    eps: float = Field(1e-8, gt=0.0)
-    grad_clip: float = Field(1.0, ge=0.0)
-    exit_after_steps: int | None = Field(None, gt=0)
-    exit_after_minutes: float | None = Field(None, gt=0.0)
-    log_every_steps: int = Field(1, gt=0)
+    weight_decay: Float = Field(0.1, ge=0.0)
+    beta1: Float = Field(0.9, gt=0.0, lt=1.0)
+    beta2: Float = Field(0.95, gt=0.0, lt=1.0)
+    eps: Float = Field(1e-8, gt=0.0)
+    grad_clip: Float = Field(1.0, ge=0.0)
+    exit_after_steps: Int | None = Field(None, gt=0)
+    exit_after_minutes: Float | None = Field(None, gt=0.0)
+    log_every_steps: Int = Field(1, gt=0)
+    #: What a non-finite loss does: ``stop`` (name the step, save nothing) or ``skip`` the micro-batch.
+    nonfinite: Literal["stop", "skip"] = "stop"
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
@@ -140,10 +331,12 @@ class TrainConfig(_Section):
 class ParallelConfig(_Section):
     """How the model is spread: ZeRO stage, tensor parallel size, CPU offload."""
 
-    zero_stage: Literal[0, 1, 2, 3] = 1
-    tp: int = Field(1, gt=0)
+    zero_stage: Annotated[Literal[0, 1, 2, 3], BeforeValidator(_whole_number)] = 1
+    tp: Int = Field(1, gt=0)
     offload_optimizer: bool = False
     offload_params: bool = False
+    #: How long a collective may wait for a rank before the job ends naming it.
+    timeout_minutes: Float = Field(30.0, gt=0.0)
 
     @model_validator(mode="after")
     def _check(self) -> "ParallelConfig":
@@ -160,32 +353,136 @@ class ParallelConfig(_Section):
 
 
 class CheckpointConfig(_Section):
-    every_steps: int = Field(100, gt=0)
-    keep_last: int = Field(2, gt=0)
+    every_steps: Int = Field(100, gt=0)
+    keep_last: Int = Field(2, gt=0)
     resume: bool = True
 
 
 class EvalConfig(_Section):
     """Validation loss every ``every_steps`` on the first ``max_samples`` blocks (the same set at any dp size)."""
 
-    every_steps: int = Field(50, gt=0)
-    max_samples: int = Field(64, gt=0)
+    every_steps: Int = Field(50, gt=0)
+    max_samples: Int = Field(64, gt=0)
     at_start: bool = True
 
 
 class MetricsConfig(_Section):
     tensorboard: bool = True
     progress_bar: bool = True
-    peak_tflops: float | None = Field(None, gt=0.0)
+    peak_tflops: Float | None = Field(None, gt=0.0)
 
 
 class ExportConfig(_Section):
     at_end: bool = True
 
 
+def _set(typed: str) -> str:
+    """The usual fix for a DeepSpeed key the typed config owns."""
+    return f"remove it from deepspeed and set {typed}"
+
+
+_PRECISION = _set("precision=bf16, precision=fp16 or precision=fp32")
+
+#: DeepSpeed keys the typed config owns: dotted path under ``deepspeed`` -> (typed key, fix).
+#:
+#: :func:`distrib.parallelize.deepspeed_config` generates these from typed keys, and ``deepspeed.*``
+#: is merged over its output last, so a raw value would silently win while checkpoints, the resume
+#: check, ``distrib plan`` and ``zero.Init`` still believe the typed one (``parallel.zero_stage=1`` with
+#: ``deepspeed.zero_optimization.stage=3`` trained ZeRO-3). Any such key is refused, whatever its
+#: value, and so is a non-mapping value given for a section on the way to one (``deepspeed.bf16=true``
+#: replaces the generated ``bf16`` section). ``{v}`` in a fix is the value that was given. Keys not listed
+#: here (``zero_optimization.reduce_bucket_size``, ``optimizer.params.torch_adam``, ``fp16.initial_scale_power``,
+#: ``offload_optimizer.pin_memory``, ``comms_logger``, ``flops_profiler``, ...) tune DeepSpeed and stay allowed.
+DEEPSPEED_OWNED: dict[str, tuple[str, str]] = {
+    "zero_optimization.stage": ("parallel.zero_stage", _set("parallel.zero_stage={v}")),
+    "zero_optimization.offload_optimizer.device": (
+        "parallel.offload_optimizer", _set("parallel.offload_optimizer=true or false")),
+    "zero_optimization.offload_param.device": (
+        "parallel.offload_params", _set("parallel.offload_params=true or false")),
+    "zero_optimization.cpu_offload": ("parallel.offload_optimizer", _set("parallel.offload_optimizer={v}")),
+    "zero_optimization.cpu_offload_param": ("parallel.offload_params", _set("parallel.offload_params={v}")),
+    "bf16.enabled": ("precision", _PRECISION),
+    "bfloat16.enabled": ("precision", _PRECISION),
+    "fp16.enabled": ("precision", _PRECISION),
+    "torch_autocast.enabled": ("precision", _PRECISION),
+    "amp": ("precision", _PRECISION),
+    "train_batch_size": ("train.global_batch_size", _set("train.global_batch_size={v}")),
+    "train_micro_batch_size_per_gpu": ("train.micro_batch_size", _set("train.micro_batch_size={v}")),
+    "gradient_accumulation_steps": (
+        "train.global_batch_size",
+        _set("train.global_batch_size = train.micro_batch_size x {v} x data-parallel size"),
+    ),
+    "gradient_clipping": ("train.grad_clip", _set("train.grad_clip={v}")),
+    "optimizer.type": (
+        "distrib (always AdamW)",
+        "remove it from deepspeed and tune AdamW with train.lr, train.beta1, train.beta2, train.eps and "
+        "train.weight_decay",
+    ),
+    "optimizer.params.lr": ("train.lr", _set("train.lr={v}")),
+    "optimizer.params.betas": ("train.beta1 and train.beta2", _set("train.beta1 and train.beta2")),
+    "optimizer.params.eps": ("train.eps", _set("train.eps={v}")),
+    "optimizer.params.weight_decay": ("train.weight_decay", _set("train.weight_decay={v}")),
+    "scheduler": (
+        "train.lr_decay and train.warmup_steps",
+        _set("train.lr_decay, train.warmup_steps and train.min_lr_ratio"),
+    ),
+    "tensor_parallel.autotp_size": ("parallel.tp", _set("parallel.tp={v}")),
+    "tensor_parallel.tp.tp_size": ("parallel.tp", _set("parallel.tp={v}")),
+    "checkpoint.load_universal": (
+        "distrib itself",
+        "remove it from deepspeed (a resume at another data-parallel size converts to and loads the universal "
+        "format automatically)",
+    ),
+}
+
+
+def _check_json(node: Any, path: tuple = (), _done: set | None = None) -> None:
+    """Refuse values of the raw ``deepspeed`` section that JSON cannot hold.
+
+    DeepSpeed's config is JSON; YAML can also give dates (``2024-01-01``), sets (``!!set``) and bytes
+    (``!!binary``), which would break writing config.yaml into a checkpoint or DeepSpeed itself.
+    """
+    _done = set() if _done is None else _done
+    if isinstance(node, (dict, list)):
+        if id(node) in _done:
+            return
+        _done.add(id(node))
+        for key, child in node.items() if isinstance(node, dict) else enumerate(node):
+            _check_json(child, (*path, key), _done)
+    elif node is not None and not isinstance(node, (str, int, float)):
+        raise ConfigError(
+            f"deepspeed.{_dotted(path)}={_show(node)} is a {type(node).__name__}, which DeepSpeed's JSON config "
+            "cannot hold; quote it or write a number, string, boolean, list or mapping"
+        )
+
+
+def _check_deepspeed(ds: dict) -> None:
+    """Refuse the first key of :data:`DEEPSPEED_OWNED` found in ``ds`` (the raw ``deepspeed`` section)."""
+    for path, (typed, fix) in DEEPSPEED_OWNED.items():
+        parts = path.split(".")
+        node: Any = ds
+        for depth, part in enumerate(parts, 1):
+            if not isinstance(node, dict) or part not in node:
+                break
+            node = node[part]
+            given = ".".join(parts[:depth])
+            if depth == len(parts):
+                if isinstance(node, str):
+                    value = node if node.isprintable() and 0 < len(node) <= 60 else "VALUE"
+                else:
+                    value = _show(node) if isinstance(node, (int, float)) or node is None else "VALUE"
+                raise ConfigError(f"deepspeed.{path} is set by {typed}; {fix.format(v=value)}")
+            if not isinstance(node, dict):
+                raise ConfigError(
+                    f"deepspeed.{given}={_show(node)} replaces the section holding deepspeed.{path}, which is set by "
+                    f"{typed}; {fix.format(v='VALUE')}"
+                )
+
+
 class Config(_Section):
-    output_dir: str = "runs/default"
-    seed: int = 1234
+    output_dir: PathStr = Field("runs/default", min_length=1)
+    # numpy's sampler RNG refuses negative seeds, and torch.manual_seed takes 64 bits (the trainer adds rank and step)
+    seed: Int = Field(1234, ge=0, lt=2**63)
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -197,6 +494,13 @@ class Config(_Section):
     export: ExportConfig = Field(default_factory=ExportConfig)
     deepspeed: dict[str, Any] = Field(default_factory=dict)
 
+    @field_validator("deepspeed")
+    @classmethod
+    def _check_deepspeed_section(cls, ds: dict[str, Any]) -> dict[str, Any]:
+        _check_deepspeed(ds)
+        _check_json(ds)
+        return ds
+
     @model_validator(mode="after")
     def _check(self) -> "Config":
         if self.parallel.offload_params and self.precision == "fp16":
@@ -207,8 +511,6 @@ class Config(_Section):
                 f"data.seq_len={self.data.seq_len} exceeds model.max_position_embeddings={max_pos}; "
                 "lower data.seq_len or raise the model's context"
             )
-        if "train_micro_batch_size_per_gpu" in self.deepspeed or "train_batch_size" in self.deepspeed:
-            raise ConfigError("set batch sizes with train.micro_batch_size/train.global_batch_size, not under deepspeed.*")
         return self
 
     # -- derived quantities ------------------------------------------------------------------
@@ -244,18 +546,53 @@ class Config(_Section):
         """(attention heads, key/value heads), read from ``model.pretrained`` when set."""
         if self.model.pretrained:
             cfg_file = Path(self.model.pretrained) / "config.json"
-            raw = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
-            heads = raw.get("num_attention_heads") or raw.get("n_head") or 1
-            return heads, raw.get("num_key_value_heads") or heads
+            try:
+                raw = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+            except (OSError, UnicodeDecodeError, ValueError) as e:
+                raise ConfigError(
+                    f"model.pretrained={self.model.pretrained!r} has an unreadable config.json ({_one_line(e)}); "
+                    "point it at a save_pretrained directory"
+                ) from None
+            raw = raw if isinstance(raw, dict) else {}
+
+            def count(*names: str, default: int) -> int:
+                values = (raw.get(n) for n in names)
+                return next((v for v in values if type(v) is int and v > 0), default)
+
+            heads = count("num_attention_heads", "n_head", default=1)
+            return heads, count("num_key_value_heads", default=heads)
         return self.model.num_heads, self.model.num_kv_heads or self.model.num_heads
 
     def check_paths(self) -> None:
-        """Checks that the files the run reads exist; run before any process group is made."""
+        """Checks that the files the run reads exist and that it can write ``output_dir``.
+
+        Run before any process group is made: a file where the run directory should be would
+        otherwise surface as a traceback from the first mkdir, on every rank.
+        """
         import glob
 
+        out = Path(self.output_dir)
+        for parent in (out, *out.parents):
+            try:
+                if not (parent.exists() or parent.is_symlink()):
+                    continue
+                if parent.is_dir():
+                    break
+            except OSError:
+                break  # unreadable: leave the error to the run, which reports the path
+            fix = "set output_dir to a new or existing run directory"
+            if parent == out and out.is_file():
+                raise ConfigError(f"output_dir={self.output_dir!r} is a file, not a directory; {fix}")
+            if parent == out:
+                raise ConfigError(f"output_dir={self.output_dir!r} exists but is not a directory; {fix}")
+            raise ConfigError(
+                f"output_dir={self.output_dir!r} is inside {str(parent)!r}, which is not a directory; "
+                "set output_dir to a path under a directory"
+            )
         if self.model.pretrained and not (Path(self.model.pretrained) / "config.json").is_file():
             raise ConfigError(
-                f"model.pretrained={self.model.pretrained!r} is not a Hugging Face model directory (no config.json)"
+                f"model.pretrained={self.model.pretrained!r} is not a Hugging Face model directory (no config.json); "
+                "point it at a save_pretrained directory"
             )
         if self.data.tokenizer and not Path(self.data.tokenizer).is_dir():
             raise ConfigError(f"data.tokenizer={self.data.tokenizer!r} is not a directory; point it at a saved tokenizer")
@@ -273,7 +610,8 @@ class Config(_Section):
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        """The resolved config as YAML that :func:`load_config` reads back to the same config."""
+        return yaml.dump(self.model_dump(mode="json"), Dumper=_Dumper, sort_keys=False, allow_unicode=True)
 
 
 #: Keys that may change between a run and its resume: they steer one invocation, not the run.
@@ -282,6 +620,8 @@ RUN_CONTROL_KEYS = (
     "train.exit_after_steps",
     "train.exit_after_minutes",
     "train.log_every_steps",
+    "train.nonfinite",
+    "parallel.timeout_minutes",
     "checkpoint",
     "eval",
     "metrics",
@@ -302,66 +642,161 @@ def _pop_path(data: dict, dotted: str) -> None:
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
-    if "=" not in item or item.startswith("="):
-        raise ConfigError(f"override {item!r} is not key.path=value; write e.g. train.lr=1e-4")
+    """Split ``key.path=value`` into the key's parts and the value, read as YAML (``1e-4`` is a float).
+
+    An empty value (``train.exit_after_steps=``) is null. Each key part is stripped of spaces.
+
+    Raises:
+        ConfigError: no ``=``, an empty key part (``a..b=1``, ``.a=1``, ``a.=1``) or a value that is
+            not valid YAML.
+    """
+    shown = f"override {_show(item, 100)}"
+    if "=" not in item or not item.split("=", 1)[0].strip():
+        raise ConfigError(f"{shown} is not key.path=value; write e.g. train.lr=1e-4")
     key, raw = item.split("=", 1)
-    value = yaml.safe_load(raw) if raw != "" else None
-    return key.strip().split("."), value
+    parts = [p.strip() for p in key.split(".")]
+    if not all(parts):
+        raise ConfigError(f"{shown} has an empty part in the key {_show(key.strip(), 100)}; write e.g. train.lr=1e-4")
+    try:
+        value = _parse_yaml(raw) if raw.strip() else None
+    except ValueError as e:
+        raise ConfigError(f"{shown} has a value that is not valid YAML ({e}); fix it or quote it") from None
+    _check_tree(value, shown, tuple(parts))
+    return parts, value
 
 
-def _apply_override(data: dict, path: list[str], value: Any) -> None:
-    node = data
-    for p in path[:-1]:
-        child = node.setdefault(p, {})
+def _section_model(annotation: Any) -> type[BaseModel] | None:
+    """The section class a field holds (``train`` -> TrainConfig), or None."""
+    if isinstance(annotation, type) and typing.get_origin(annotation) is None and issubclass(annotation, BaseModel):
+        return annotation
+    return None
+
+
+def _is_section(annotation: Any) -> bool:
+    """Whether a field holds keys (a section, or the raw ``deepspeed`` mapping) rather than a value."""
+    return _section_model(annotation) is not None or typing.get_origin(annotation) is dict
+
+
+def _apply_override(data: dict, path: list[str], value: Any, item: str = "") -> None:
+    """Set ``data[path[0]]...[path[-1]] = value``, creating the sections on the way.
+
+    A part of the path that names a value in the schema (``train.lr`` in ``train.lr.x=1``) or that
+    already holds a value is refused; unknown keys are left for validation, which suggests a spelling.
+    """
+    shown = f"override {_show(item or '.'.join(path), 100)}"
+    node: dict = data
+    section: type[BaseModel] | None = Config  # None under deepspeed.* and under unknown keys
+    for depth, part in enumerate(path[:-1], 1):
+        prefix = _dotted(path[:depth])
+        field = section.model_fields.get(part) if section is not None else None
+        if field is not None and not _is_section(field.annotation):
+            raise ConfigError(f"{shown}: {prefix} is a value, not a section; set {prefix}=VALUE instead")
+        section = _section_model(field.annotation) if field is not None else None
+        child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"override {'.'.join(path)}: {p} is a value, not a section")
+            raise ConfigError(
+                f"{shown}: {prefix} is already set to {_show(child)}, not a section; set {prefix}=VALUE instead"
+            )
         node = child
     node[path[-1]] = value
 
 
+#: Messages for the typed-scalar errors of :data:`Int` and :data:`Float`, by pydantic error type.
+_SCALAR_ERRORS = {
+    "bool_for_int": "{loc}={got} is a boolean, not an integer; set {loc} to a whole number",
+    "bool_for_float": "{loc}={got} is a boolean, not a number; set {loc} to a number",
+    "not_whole": "{loc}={got} is not a whole number; set {loc} to an integer",
+    "finite_number": "{loc}={got} is not a finite number; set {loc} to a finite number",
+    "too_large": "{loc}={got} is too large; set {loc} to a smaller number",
+    "nul_in_path": "{loc}={got} holds a NUL character, which no path can; fix the path",
+}
+
+
 def _describe(err: dict, data: dict) -> str:
-    loc = ".".join(str(p) for p in err["loc"])
+    """One line for pydantic's first error: the key, what is wrong with it and how to fix it."""
+    loc = _dotted(err["loc"])
+    # the key a user can set: the dotted path up to any list index (data.train_files, not data.train_files.0)
+    key = _dotted(err["loc"][: next((i for i, p in enumerate(err["loc"]) if not isinstance(p, str)), None)])
     kind = err["type"]
+    got = err.get("input")
     if kind == "extra_forbidden":
-        section = Config
-        for p in err["loc"][:-1]:
-            section = section.model_fields[p].annotation
-        valid = ", ".join(sorted(section.model_fields)) if isinstance(section, type) and issubclass(section, BaseModel) else ""
-        return f"unknown key {loc!r}; valid keys here: {valid}"
+        section: Any = Config
+        names = err["loc"][:-1]
+        for p in names:
+            section = _section_model(section.model_fields[p].annotation) if section is not None else None
+        fields = sorted(section.model_fields) if section is not None else []
+        what = "section" if isinstance(got, dict) else "key"
+        close = difflib.get_close_matches(str(err["loc"][-1]), fields, n=1)
+        hint = f"; did you mean {'.'.join([*map(str, names), close[0]])!r}?" if close else ";"
+        unknown = ".".join(str(p) for p in err["loc"])  # repr below escapes whatever the user typed
+        return f"unknown {what} {unknown!r}{hint} valid keys here: {', '.join(fields)}"
     if kind == "value_error" and isinstance(err.get("ctx", {}).get("error"), ConfigError):
         return str(err["ctx"]["error"])
-    got = err.get("input")
-    got_s = "" if isinstance(got, dict) else f" (got {got!r})"
-    return f"{loc}: {err['msg'].rstrip('.')}{got_s}; fix {loc} in the YAML or with {loc}=VALUE"
+    if kind in _SCALAR_ERRORS:
+        return _SCALAR_ERRORS[kind].format(loc=loc, got=_show(got))
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return f"{loc} is a section of keys, not {_show(got)}; set keys under it (e.g. {loc}.KEY=VALUE) or remove it"
+    got_s = "" if isinstance(got, dict) else f" (got {_show(got)})"
+    return f"{loc}: {_one_line(err['msg'])}{got_s}; fix {key} in the YAML or with {key}=VALUE"
+
+
+def _read_config_file(path: str | Path) -> dict:
+    """The mapping a config file holds.
+
+    Raises:
+        ConfigError: the path is missing, a directory or unreadable; the file is empty (or only
+            comments or ``null``), not valid YAML, not a mapping, or has non-string keys.
+    """
+    p = Path(path)
+    name = f"config file {str(p)!r}"
+    if p.is_dir():
+        raise ConfigError(f"{name} is a directory, not a YAML file; pass a file such as configs/pretrain/tiny.yaml")
+    if not p.exists():
+        raise ConfigError(f"{name} does not exist; pass a YAML file such as configs/pretrain/tiny.yaml")
+    if not p.is_file():
+        raise ConfigError(f"{name} is not a regular file; pass a YAML file such as configs/pretrain/tiny.yaml")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{name} is not UTF-8 text; save it as UTF-8 YAML") from None
+    except OSError as e:
+        raise ConfigError(f"{name} cannot be read ({_one_line(e.strerror or e)}); check its permissions") from None
+    try:
+        data = _parse_yaml(text)
+    except ValueError as e:
+        raise ConfigError(f"{name} is not valid YAML: {e}; fix the syntax there") from None
+    if data is None:
+        # Training the defaults into runs/default is never what an empty file meant.
+        raise ConfigError(
+            f"{name} is empty (no keys, only comments or null); add keys, e.g. start from configs/pretrain/tiny.yaml"
+        )
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{name} must hold a mapping of keys, not {type(data).__name__}; write one key: value per line, "
+            "e.g. 'precision: bf16'"
+        )
+    _check_tree(data, name)
+    return data
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Read YAML, apply ``key.path=value`` overrides, validate.
 
+    Any input either gives a :class:`Config` or raises :class:`ConfigError` (one line); nothing else
+    escapes, whatever the file or the overrides hold (``tests/unit/test_config_properties.py``).
+
     Raises:
         ConfigError: one line naming the offending key and the fix.
     """
-    data: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist; pass a YAML file such as configs/pretrain/tiny.yaml")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {str(p)!r} must hold a mapping of keys, not {type(data).__name__}")
+    data: dict = _read_config_file(path) if path is not None else {}
     data = copy.deepcopy(data)
     for item in overrides:
         key, value = parse_override(item)
-        _apply_override(data, key, value)
+        _apply_override(data, key, value, item)
     try:
         return Config.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_describe(e.errors()[0], data)) from None
-    except ConfigError:
-        raise
 
 
 def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:

@@ -72,7 +72,7 @@ none of which is modelled above.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
+from pathlib import Path
 
 from distrib.config import Config, ConfigError
 from distrib.model import empty_model, hf_config
@@ -221,11 +221,48 @@ def _dim(hf_cfg, *names: str) -> int:
     raise ConfigError(f"cannot read {names[0]} from the model config; planning supports llama and gpt2 architectures")
 
 
+def tokenizer_vocab_size(cfg: Config) -> int | None:
+    """The vocabulary the run's model will have when ``model.vocab_size`` is unset, without training anything.
+
+    The model then takes the tokenizer's length (:class:`distrib.trainer.Trainer`): with
+    ``data.tokenizer`` unset the run trains a byte-level BPE of ``data.vocab_size`` tokens, so that
+    is the size (BPE training stops there; only a corpus too small to reach it gives fewer, and then
+    the plan errs large); with ``data.tokenizer`` set it is that tokenizer's length, read from its
+    directory. None for ``model.pretrained``, whose config.json carries the size.
+
+    Raises:
+        ConfigError: ``data.tokenizer`` is not a readable tokenizer directory.
+    """
+    if cfg.model.pretrained is not None:
+        return None
+    if cfg.model.vocab_size is not None:
+        return cfg.model.vocab_size
+    if not cfg.data.tokenizer:
+        return cfg.data.vocab_size
+    path = Path(cfg.data.tokenizer).expanduser()
+    fix = "point data.tokenizer at a save_pretrained directory, or set model.vocab_size (e.g. model.vocab_size=32000) to plan"
+    if not path.is_dir():
+        raise ConfigError(f"model.vocab_size is unset and data.tokenizer={cfg.data.tokenizer!r} is not a directory; {fix}")
+    from transformers import AutoTokenizer
+
+    try:
+        return len(AutoTokenizer.from_pretrained(path))
+    except Exception as e:  # noqa: BLE001 - transformers raises OSError, ValueError, KeyError... for a bad directory
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        raise ConfigError(
+            f"model.vocab_size is unset and data.tokenizer={cfg.data.tokenizer!r} cannot be loaded ({reason}); {fix}"
+        ) from None
+
+
 def plan(cfg: Config, world_size: int, gpus_per_node: int = 8, gpu_memory_gib: float = 80.0) -> Plan:
     """Check ``cfg`` for ``world_size`` ranks and estimate per-rank memory.
 
+    With ``model.vocab_size`` unset the vocabulary is the tokenizer's (:func:`tokenizer_vocab_size`),
+    so the shipped CPU config, whose tokenizer is trained at the start of the run, plans too.
+
     Raises:
-        ConfigError: the config does not work on ``world_size`` ranks, or ``model.vocab_size`` is unset.
+        ConfigError: the config does not work on ``world_size`` ranks, or ``model.vocab_size`` is unset
+            and ``data.tokenizer`` cannot be read.
     """
     if world_size < 1:
         raise ConfigError(f"--world-size must be at least 1 (got {world_size})")
@@ -234,13 +271,8 @@ def plan(cfg: Config, world_size: int, gpus_per_node: int = 8, gpu_memory_gib: f
     if gpu_memory_gib <= 0:
         raise ConfigError(f"--gpu-memory-gib must be positive (got {gpu_memory_gib})")
     cfg.check_world(world_size)
-    if cfg.model.pretrained is None and cfg.model.vocab_size is None:
-        raise ConfigError(
-            "model.vocab_size is unset; planning does not load the tokenizer, so set model.vocab_size "
-            "(e.g. model.vocab_size=32000) to plan"
-        )
 
-    hf_cfg = hf_config(cfg.model, seq_len=cfg.data.seq_len)
+    hf_cfg = hf_config(cfg.model, vocab_size=tokenizer_vocab_size(cfg), seq_len=cfg.data.seq_len)
     n_params, largest = _model_sizes(hf_cfg)
     hidden = _dim(hf_cfg, "hidden_size", "n_embd")
     layers = _dim(hf_cfg, "num_hidden_layers", "n_layer")

@@ -206,10 +206,51 @@ def test_batch_not_divisible_by_data_parallel_size_raises_config_error():
         plan(_cfg("llama-7b"), world_size=24)
 
 
-def test_unset_vocab_size_raises_config_error_asking_to_set_it():
-    cfg = _cfg("llama-7b", "model.vocab_size=null")
-    with pytest.raises(ConfigError, match="model.vocab_size"):
+def test_unset_vocab_size_with_a_missing_tokenizer_raises_config_error_asking_to_set_it(tmp_path):
+    missing = tmp_path / "no-tokenizer"
+    cfg = _cfg("llama-7b", "model.vocab_size=null", f"data.tokenizer={missing}")
+    with pytest.raises(ConfigError) as e:
         plan(cfg, 64)
+    assert str(e.value) == (
+        f"model.vocab_size is unset and data.tokenizer={str(missing)!r} is not a directory; point data.tokenizer at a "
+        "save_pretrained directory, or set model.vocab_size (e.g. model.vocab_size=32000) to plan"
+    )
+
+
+def test_plan_works_on_the_shipped_tiny_config_with_the_vocab_its_tokenizer_will_have():
+    """tiny.yaml leaves model.vocab_size unset: the run trains a BPE of data.vocab_size tokens and sizes the model to it."""
+    cfg = _cfg("tiny")
+    assert cfg.model.vocab_size is None and cfg.data.tokenizer is None
+    p = plan(cfg, world_size=2, gpus_per_node=2, gpu_memory_gib=16)
+    assert p.vocab_size == cfg.data.vocab_size == 4096
+    assert (p.tp, p.dp, p.zero_stage, p.grad_accum_steps) == (1, 2, 2, 2)
+    # untied Llama: embedding + LM head + 4 x (attention 128x128 x2 + 128x64 x2, SwiGLU 3 x 128x352, 2 norms) + final norm
+    layer = 2 * 128 * 128 + 2 * 128 * 64 + 3 * 128 * 352 + 2 * 128
+    assert p.n_params == 2 * 4096 * 128 + 4 * layer + 128
+    assert p.fits
+    assert plan(_cfg("tiny", "data.vocab_size=1000"), 2).vocab_size == 1000
+
+
+def test_plan_cli_on_the_shipped_tiny_config_exits_0(capsys):
+    from distrib.cli import main
+
+    assert main(["plan", str(CONFIGS / "tiny.yaml"), "--world-size", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "vocab 4096" in out and "ZeRO-2" in out and "fits      yes" in out
+
+
+def test_unset_vocab_size_follows_a_local_tokenizer_directory(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {chr(ord("a") + i): i for i in range(26)} | {"<eos>": 26}
+    bpe = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>").save_pretrained(tmp_path / "tok")
+    cfg = _cfg("tiny", f"data.tokenizer={tmp_path / 'tok'}")
+    assert plan(cfg, 2).vocab_size == 27
+    # an explicit model.vocab_size still wins
+    assert plan(_cfg("tiny", f"data.tokenizer={tmp_path / 'tok'}", "model.vocab_size=64"), 2).vocab_size == 64
 
 
 def test_7b_config_has_llama2_7b_parameter_count():
