@@ -120,6 +120,8 @@ def _train(args, cfg) -> int:
         return _fail("--nproc-per-node and --nnodes must be at least 1")
     world = args.nproc_per_node * args.nnodes if local else env.world_size
     cfg.check_world(world)
+    if _launcher_rank() == 0 and args.node_rank == 0 and not held_by_launcher(cfg.output_dir):
+        RunLock(cfg.output_dir).check_free()  # a busy directory is the first thing to say
     resume_from = check_resumable(cfg)
     if resume_from is not None and _finished(cfg, resume_from):
         return 0

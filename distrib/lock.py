@@ -40,12 +40,9 @@ class RunLock:
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            holder = _describe(os.read(fd, 4096))
+            raw = os.read(fd, 4096)
             os.close(fd)
-            raise ConfigError(
-                f"output_dir={str(self.dir)!r} is in use by another run ({holder}); wait for it to finish, "
-                "stop it, or choose another output_dir"
-            ) from None
+            raise ConfigError(self._in_use(raw)) from None
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
                                  "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
@@ -53,6 +50,29 @@ class RunLock:
         self._fd = fd
         os.environ[HELD_ENV] = str(self.dir.resolve())
         return self
+
+    def check_free(self) -> None:
+        """Refuse now if another run holds the lock, creating nothing (the lock is taken later).
+
+        Call it from one process per job (it takes the lock for an instant).
+
+        Raises:
+            ConfigError: as :meth:`acquire`.
+        """
+        try:
+            fd = os.open(self.path, os.O_RDWR)
+        except FileNotFoundError:
+            return
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise ConfigError(self._in_use(os.read(fd, 4096))) from None
+        finally:
+            os.close(fd)
+
+    def _in_use(self, raw: bytes) -> str:
+        return (f"output_dir={str(self.dir)!r} is in use by another run ({_describe(raw)}); wait for it to finish, "
+                "stop it, or choose another output_dir")
 
     def release(self) -> None:
         if self._fd is not None:

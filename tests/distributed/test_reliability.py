@@ -183,7 +183,7 @@ def test_evaluation_with_fewer_validation_blocks_than_a_batch_scores_them_all(tm
     from tests.helpers import prepared
 
     out, ref = tmp_path / "run", tmp_path / "ref"
-    args = ("eval.max_samples=3", "train.max_steps=2", "eval.every_steps=1")
+    args = ("eval.max_samples=3", "train.max_steps=2", "train.warmup_steps=1", "eval.every_steps=1")
     run_distrib(*small(out, data_cache, "parallel.zero_stage=3", *args), nproc=2)
     run_distrib(*small(ref, data_cache, "parallel.zero_stage=0", *args), nproc=None)
     got = [r["eval_loss"] for r in metrics(out) if "eval_loss" in r]
