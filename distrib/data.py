@@ -4,6 +4,11 @@ The pipeline is ``load_text`` -> ``load_or_train_tokenizer`` -> tokenize (``data
 blocks of exactly ``seq_len`` tokens. :func:`prepare_data` runs it once per data-defining configuration
 and caches the result on disk, so repeated runs and the ranks of one run share the work.
 
+Two formats (``data.format``): ``text`` packs documents back to back into ``input_ids`` blocks, every
+token a target (pretraining); ``prompt_response`` packs whole prompt/response examples into padded
+blocks with ``input_ids`` and ``labels``, where ``labels`` is ``-100`` on prompt and padding positions
+so that only the responses (and their eos) are learned (fine-tuning). See :func:`_pack_examples`.
+
 Data files are checked before ``datasets`` reads them, so bad data (an empty, binary, non-UTF-8 or
 malformed file, a directory, a wrong ``data.tokenizer``) is refused with a one-line
 :class:`~distrib.config.ConfigError` naming the key, the file and line, and the fix.
@@ -31,6 +36,7 @@ import tokenize
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -38,7 +44,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import tokenizers
 import torch
-from datasets import Dataset, DatasetDict, concatenate_datasets, load_dataset, load_from_disk
+from datasets import Dataset, DatasetDict, Features, List, Value, concatenate_datasets, load_dataset, load_from_disk
 from datasets.exceptions import DatasetGenerationError
 from datasets.table import InMemoryTable
 from filelock import FileLock, Timeout
@@ -64,6 +70,12 @@ _TOKENIZER_TRAIN_CHARS = 100_000_000
 
 #: Small corpora still get a few validation documents, or evaluation would measure nothing.
 _MIN_VALIDATION_DOCS = 4
+
+#: Built-in instruct examples longer than this many characters (prompt plus response) are left out:
+#: at a fine-tuning ``seq_len`` of a few hundred tokens they would mostly be truncated, and the long
+#: functions are the least self-contained. 2,000 characters of code are about 600 tokens of a
+#: 4,096-token BPE.
+_INSTRUCT_MAX_CHARS = 2000
 
 #: Standard-library directories that are not ordinary library code: installed third-party
 #: packages, test suites (some deliberately broken or Python 2), bytecode, the pydoc topic data
@@ -95,26 +107,37 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 #: whose holder finds the cache complete, or a quick build) are not worth a log line.
 _QUIET_WAIT_SECONDS = 3.0
 
+#: The label of positions without loss (prompt, padding): ``distrib.trainer.IGNORE_INDEX`` and
+#: ``transformers``' value, repeated here because the trainer imports this module (and DeepSpeed).
+IGNORE_INDEX = -100
+
+#: A document of a built-in corpus: a text, or a prompt/response dict.
+_Doc = TypeVar("_Doc")
+
 
 # -- built-in corpus -------------------------------------------------------------------------
 
 
-def builtin_corpus(domain: str, validation_fraction: float = 0.02) -> dict[str, list[str]]:
+def builtin_corpus(domain: str, validation_fraction: float = 0.02) -> dict[str, list]:
     """An offline corpus made from this Python's standard library.
 
     ``code`` is the library's ``.py`` sources, one document per file. ``prose`` is English
     documentation: the language-reference topics shipped in ``pydoc_data`` and the module
-    docstrings of the library, one document per topic or module. Test suites, installed packages
+    docstrings of the library, one document per topic or module. ``instruct`` is instruction data
+    for fine-tuning: one ``{"prompt": ..., "response": ...}`` example per documented public function
+    or method, the prompt asking for the function by its signature and docstring, the response its
+    code without the docstring (see :func:`_stdlib_instructions`). Test suites, installed packages
     and the machine-specific ``_sysconfigdata`` are left out, so the corpus depends on the Python
     version only.
 
     Args:
-        domain: ``"code"`` or ``"prose"``.
+        domain: ``"code"``, ``"prose"`` or ``"instruct"``.
         validation_fraction: share of documents held out, chosen by a stable hash of each
             document's key (at least a few documents are always held out).
 
     Returns:
-        ``{"train": [...], "validation": [...]}``, each in sorted key order.
+        ``{"train": [...], "validation": [...]}``, each in sorted key order: strings for ``code``
+        and ``prose``, ``{"prompt", "response"}`` dicts for ``instruct``.
 
     Raises:
         ConfigError: for an unknown domain.
@@ -123,8 +146,12 @@ def builtin_corpus(domain: str, validation_fraction: float = 0.02) -> dict[str, 
         docs = _stdlib_sources()
     elif domain == "prose":
         docs = _stdlib_prose()
+    elif domain == "instruct":
+        docs = _stdlib_instructions()
     else:
-        raise ConfigError(f"data.name={domain!r} is not a built-in corpus; use data.name=code or data.name=prose")
+        raise ConfigError(
+            f"data.name={domain!r} is not a built-in corpus; use data.name=code, data.name=prose or data.name=instruct"
+        )
     return _split_by_hash(docs, validation_fraction)
 
 
@@ -186,12 +213,133 @@ def _module_docstring(source: str) -> str | None:
     return None
 
 
+def _stdlib_instructions() -> dict[str, dict[str, str]]:
+    """``module:qualname`` -> ``{"prompt", "response"}`` for the library's documented public functions.
+
+    Every module-level function and method (of classes at any depth, also those defined under a
+    module- or class-level ``if``/``try``) whose name path has no ``_``-prefixed part and that has
+    a docstring becomes one example::
+
+        prompt:   Write a Python function `name(args) -> ret` (module `pkg.mod`) that does the following:
+                  <the docstring, cleaned as inspect.cleandoc does>
+        response: def name(args) -> ret:
+                      <the body without the docstring>
+
+    (``method `Class.name(self, ...)``` for methods). The response is the function's own source
+    lines from ``def`` to its end, dedented, with the docstring's lines cut out; decorators are
+    left out (they often name module internals the prompt does not show). Functions nested in
+    functions are skipped (they depend on their closure), and so are functions whose remaining
+    body is trivial (``pass``, ``...``, ``raise NotImplementedError``, a bare ``return``), whose
+    docstring shares a line with code, whose source cannot be cut cleanly (a multi-line string
+    less indented than the ``def``), and examples longer than ``_INSTRUCT_MAX_CHARS``. Of two
+    definitions with one qualified name (per-platform variants) the first is kept.
+
+    Everything is derived from the sorted file walk of :func:`_stdlib_sources` and ``ast``, so the
+    result is the same on every run and machine with the same Python version. Parsing the whole
+    library with ``ast`` is the cost (about 2-5 seconds on one core); it is paid once per cache build.
+    """
+    examples: dict[str, dict[str, str]] = {}
+    for path, source in _stdlib_sources().items():
+        module = _module_name(path)
+        for qualname, prompt, response in _function_examples(source, module):
+            examples.setdefault(f"{module}:{qualname}", {"prompt": prompt, "response": response})
+    return examples
+
+
+def _module_name(path: str) -> str:
+    """``json/decoder.py`` -> ``json.decoder``; ``json/__init__.py`` -> ``json``."""
+    parts = path.removesuffix(".py").split("/")
+    if parts[-1] == "__init__" and len(parts) > 1:
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _function_examples(source: str, module: str) -> Iterator[tuple[str, str, str]]:
+    """``(qualname, prompt, response)`` for each documented public function of one module's source."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):  # a file of another Python version, or a NUL byte
+        return
+    # Split on "\n" only: ast counts lines so, while str.splitlines also breaks at form feeds,
+    # which some library files contain.
+    lines = source.split("\n")
+    for node, qualname, is_method in _public_functions(tree.body, ""):
+        docstring = ast.get_docstring(node, clean=True)
+        if not docstring or not docstring.strip():
+            continue
+        response = _code_without_docstring(node, lines)
+        if response is None:
+            continue
+        signature = f"{qualname}({ast.unparse(node.args)})"
+        if node.returns is not None:
+            signature += f" -> {ast.unparse(node.returns)}"
+        kind = "method" if is_method else "function"
+        prompt = f"Write a Python {kind} `{signature}` (module `{module}`) that does the following:\n{docstring}\n"
+        if len(prompt) + len(response) <= _INSTRUCT_MAX_CHARS:
+            yield qualname, prompt, response
+
+
+def _public_functions(body: list[ast.stmt], prefix: str, in_class: bool = False) -> Iterator[tuple[ast.AST, str, bool]]:
+    """``(node, qualname, is_method)`` for the public functions of a module or class body, in source order."""
+    for node in body:
+        if isinstance(node, ast.ClassDef):
+            if not node.name.startswith("_"):
+                yield from _public_functions(node.body, f"{prefix}{node.name}.", in_class=True)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            if not node.name.startswith("_"):
+                yield node, prefix + node.name, in_class
+        elif isinstance(node, ast.If):  # per-platform or per-version definitions
+            yield from _public_functions(node.body, prefix, in_class)
+            yield from _public_functions(node.orelse, prefix, in_class)
+        elif isinstance(node, ast.Try):  # "try: import fast; except ImportError: def slow(...)"
+            for block in (node.body, *(h.body for h in node.handlers), node.orelse, node.finalbody):
+                yield from _public_functions(block, prefix, in_class)
+
+
+def _code_without_docstring(node: ast.FunctionDef | ast.AsyncFunctionDef, lines: list[str]) -> str | None:
+    """The source of ``node`` from ``def`` to its end, dedented, without its docstring; None if unusable."""
+    doc, rest = node.body[0], node.body[1:]
+    if not rest or all(_is_trivial(stmt) for stmt in rest):
+        return None
+    # ast columns count UTF-8 bytes; only the docstring's own lines may be cut out, so it must
+    # start on a line of its own and leave nothing but a comment after it.
+    before = lines[doc.lineno - 1].encode()[: doc.col_offset]
+    after = lines[doc.end_lineno - 1].encode()[doc.end_col_offset :].strip()
+    if doc.lineno == node.lineno or before.strip() or (after and not after.startswith(b"#")):
+        return None
+    indent = lines[node.lineno - 1][: node.col_offset]  # leading whitespace: bytes == characters
+    kept = lines[node.lineno - 1 : doc.lineno - 1] + lines[doc.end_lineno : node.end_lineno]
+    out = []
+    for line in kept:
+        if line.startswith(indent):
+            out.append(line[len(indent) :])
+        elif not line.strip():
+            out.append("")
+        else:  # a multi-line string reaching left of the def: dedenting would change it
+            return None
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _is_trivial(stmt: ast.stmt) -> bool:
+    """``pass``, ``...``, a bare ``return`` or ``raise NotImplementedError``: a stub, nothing to learn."""
+    if isinstance(stmt, ast.Pass):
+        return True
+    if isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant) and stmt.value.value is Ellipsis:
+        return True
+    if isinstance(stmt, ast.Return):
+        return stmt.value is None or (isinstance(stmt.value, ast.Constant) and stmt.value.value is None)
+    if isinstance(stmt, ast.Raise) and stmt.exc is not None:
+        exc = stmt.exc.func if isinstance(stmt.exc, ast.Call) else stmt.exc
+        return isinstance(exc, ast.Name) and exc.id == "NotImplementedError"
+    return False
+
+
 def _stable_unit(key: str) -> float:
     """A hash of ``key`` in [0, 1) that is the same on every machine and Python run."""
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
 
 
-def _split_by_hash(docs: dict[str, str], fraction: float) -> dict[str, list[str]]:
+def _split_by_hash(docs: dict[str, _Doc], fraction: float) -> dict[str, list[_Doc]]:
     keys = sorted(docs)
     by_hash = sorted(keys, key=_stable_unit)
     held_out = {k for k in by_hash if _stable_unit(k) < fraction}
@@ -207,10 +355,54 @@ def _split_by_hash(docs: dict[str, str], fraction: float) -> dict[str, list[str]
 # -- loading text ------------------------------------------------------------------------------
 
 
-def load_text(cfg: DataConfig, hf_cache: str | Path | None = None) -> DatasetDict:
-    """The raw documents of ``cfg``: splits ``train`` and ``validation``, one column ``text``.
+@dataclass(frozen=True)
+class _Fields:
+    """What a JSON row or Parquet file must hold under ``data.format``.
 
-    Empty documents are dropped. For ``files``, ``.txt`` files are read one paragraph (blank-line
+    Attributes:
+        roles: ``(role, field, config key)`` per field: one for ``text`` (the text), two for
+            ``prompt_response`` (prompt, response).
+    """
+
+    roles: tuple[tuple[str, str, str], ...]
+
+    @property
+    def pairs(self) -> bool:
+        """Prompt/response rows, whose ``null`` values are refused rather than read as empty text.
+
+        A ``null`` text is an empty document, dropped like an empty string; an example missing
+        its prompt or response is broken, and silently training on half of it (or skipping it)
+        would hide that.
+        """
+        return len(self.roles) == 2
+
+    def described(self) -> str:
+        """``the text in 'text' (data.text_field)``, or the prompt and response fields alike."""
+        return " and ".join(f"the {role} in {field!r} ({config_key})" for role, field, config_key in self.roles)
+
+
+def _format(cfg: DataConfig) -> str:
+    """The effective ``data.format``: the built-in ``instruct`` corpus is prompt/response whatever it says."""
+    return "prompt_response" if cfg.source == "builtin" and cfg.name == "instruct" else cfg.format
+
+
+def _fields(cfg: DataConfig) -> _Fields:
+    if _format(cfg) == "prompt_response":
+        return _Fields(
+            (("prompt", cfg.prompt_field, "data.prompt_field"), ("response", cfg.response_field, "data.response_field"))
+        )
+    return _Fields((("text", cfg.text_field, "data.text_field"),))
+
+
+def load_text(cfg: DataConfig, hf_cache: str | Path | None = None) -> DatasetDict:
+    """The raw documents of ``cfg``: splits ``train`` and ``validation``.
+
+    With ``data.format=text`` (and the built-in ``code``/``prose``) each split has one column
+    ``text``; with ``prompt_response`` (and the built-in ``instruct``) the columns ``prompt`` and
+    ``response``, read from ``cfg.prompt_field`` and ``cfg.response_field``.
+
+    Empty documents are dropped (prompt/response rows are all kept, an empty response still
+    teaches where a response ends). For ``files``, ``.txt`` files are read one paragraph (blank-line
     separated block) per document, so line breaks inside a paragraph survive and a single text
     file can still be split; jsonl/json/parquet rows are documents, their text in
     ``cfg.text_field`` (a row whose text is ``null`` counts as empty). Every file is checked
@@ -228,12 +420,17 @@ def load_text(cfg: DataConfig, hf_cache: str | Path | None = None) -> DatasetDic
     Raises:
         ConfigError: one line naming the file (and line) for a missing, empty, binary,
             non-UTF-8 or malformed file, a directory, a glob matching nothing, a missing or
-            non-string text field, or too few documents to split off validation.
+            non-string text (prompt, response) field, a ``.txt`` file for prompt/response data,
+            or too few documents to split off validation.
     """
+    fields = _fields(cfg)
     if cfg.source == "builtin":
         corpus = builtin_corpus(cfg.name, cfg.validation_fraction)
-        train = Dataset.from_dict({"text": corpus["train"]})
-        validation = Dataset.from_dict({"text": corpus["validation"]})
+        if fields.pairs:
+            train, validation = (Dataset.from_list(corpus[split]) for split in ("train", "validation"))
+        else:
+            train = Dataset.from_dict({"text": corpus["train"]})
+            validation = Dataset.from_dict({"text": corpus["validation"]})
     elif cfg.source == "files":
         hf_cache = str(hf_cache if hf_cache is not None else _cache_root(cfg) / "hf_datasets")
         train = _load_files(_expand(cfg.train_files, "data.train_files"), cfg, hf_cache, "data.train_files")
@@ -247,9 +444,9 @@ def load_text(cfg: DataConfig, hf_cache: str | Path | None = None) -> DatasetDic
             )
     else:  # hub: for clusters with network access, never exercised offline
         loaded = load_dataset(cfg.name, cfg.hub_config)
-        train = _documents(loaded["train"], cfg.text_field, cfg.name)
+        train = _rows(loaded["train"], fields, cfg.name)
         if "validation" in loaded:
-            validation = _documents(loaded["validation"], cfg.text_field, cfg.name)
+            validation = _rows(loaded["validation"], fields, cfg.name)
         else:
             train, validation = _split_off(train, cfg.validation_fraction, f"data.name={cfg.name!r}")
     if cfg.max_documents is not None and len(train) > cfg.max_documents:
@@ -317,8 +514,9 @@ def _load_files(files: list[str], cfg: DataConfig, hf_cache: str, key: str) -> D
     Raises:
         ConfigError: a bad file (see :func:`_check_file`), naming ``key``.
     """
+    fields = _fields(cfg)
     for path in files:
-        _check_file(path, key, cfg.text_field)
+        _check_file(path, key, fields)
     groups: dict[str, list[str]] = {}
     for path in files:
         groups.setdefault(_LOADERS[Path(path).suffix.lower()], []).append(path)
@@ -336,12 +534,13 @@ def _load_files(files: list[str], cfg: DataConfig, hf_cache: str, key: str) -> D
                 f"{key}: datasets could not read {_names(paths)} ({type(cause).__name__}: {detail}); "
                 "fix or remove the file"
             ) from None
-        field = "text" if builder == "text" else cfg.text_field  # the text loader always names it "text"
-        parts.append(_documents(ds, field, paths))
+        # The text loader always names its column "text" (and prompt/response data has no .txt files).
+        read = _Fields((("text", "text", "data.text_field"),)) if builder == "text" else fields
+        parts.append(_rows(ds, read, paths))
     return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
 
 
-def _check_file(path: str, key: str, text_field: str) -> None:
+def _check_file(path: str, key: str, fields: _Fields) -> None:
     """Refuse a data file that ``datasets`` would choke on or that holds no text.
 
     Runs before ``load_dataset`` sees the file, so a bad file fails with one line naming it (and
@@ -354,23 +553,30 @@ def _check_file(path: str, key: str, text_field: str) -> None:
     Args:
         path: the file.
         key: the config key that listed it, which every message starts with.
-        text_field: ``data.text_field``, the text of a JSON or Parquet row.
+        fields: what a JSON or Parquet row must hold: its text in ``data.text_field``, or
+            its prompt and response in ``data.prompt_field`` and ``data.response_field``.
 
     Raises:
         ConfigError: the file is empty or only whitespace, unreadable, binary, not UTF-8,
-            not valid JSON Lines / a JSON array of objects, lacks a string ``text_field``, or
-            is not a Parquet file with a string column ``text_field``.
+            not valid JSON Lines / a JSON array of objects, lacks a string field of ``fields``
+            (a ``null`` prompt or response counts as lacking it), is not a Parquet file with a
+            string column per field, or is a ``.txt`` file where prompt/response rows are needed.
     """
     try:
         if os.path.getsize(path) == 0:
             raise ConfigError(f"{key}: {path!r} is empty; put text in it or remove it from {key}")
         suffix = Path(path).suffix.lower()
         if suffix == ".parquet":
-            _check_parquet(path, key, text_field)
+            _check_parquet(path, key, fields)
+        elif suffix == ".txt" and fields.pairs:
+            raise ConfigError(
+                f"{key}: {path!r} is plain text, which has no prompt and response (data.format=prompt_response); "
+                f"give .jsonl/.json/.parquet rows with {fields.described()}"
+            )
         elif suffix == ".txt":
             _check_text(path, key)
         else:
-            _check_json(path, key, text_field)
+            _check_json(path, key, fields)
     except OSError as e:
         raise ConfigError(
             f"{key}: {path!r} cannot be read ({e.strerror or e}); fix its permissions or remove it"
@@ -425,8 +631,8 @@ def _check_text(path: str, key: str) -> None:
         raise ConfigError(f"{key}: {path!r} holds only whitespace; put text in it or remove it from {key}")
 
 
-def _check_json(path: str, key: str, field: str) -> None:
-    """A ``.jsonl``/``.json`` file must be JSON Lines of objects (or one array of them) with text in ``field``.
+def _check_json(path: str, key: str, fields: _Fields) -> None:
+    """A ``.jsonl``/``.json`` file must be JSON Lines of objects (or one array of them) holding ``fields``.
 
     These are the two layouts the ``datasets`` JSON loader reads without being told a field.
     Blank lines are skipped, as the loader skips them.
@@ -437,7 +643,7 @@ def _check_json(path: str, key: str, field: str) -> None:
         _check_not_binary(head, path, key)
         f.seek(0)
         if head.removeprefix(codecs.BOM_UTF8).lstrip().startswith(b"["):
-            _check_json_array(f.read().removeprefix(codecs.BOM_UTF8), path, key, field)
+            _check_json_array(f.read().removeprefix(codecs.BOM_UTF8), path, key, fields)
             return
         for number, raw in enumerate(f, start=1):
             if number == 1:
@@ -456,15 +662,15 @@ def _check_json(path: str, key: str, field: str) -> None:
                     "fix the line: a .jsonl file holds one JSON object per line"
                 ) from None
             rows += 1
-            has_text = _row_has_text(row, field, path, key, f"line {number}") or has_text
+            has_text = _row_has_text(row, fields, path, key, f"line {number}") or has_text
     if not rows:
         raise ConfigError(f"{key}: {path!r} holds only whitespace; put text in it or remove it from {key}")
     if not has_text:
-        raise _no_text(path, key, field)
+        raise _no_text(path, key, fields)
 
 
-def _check_json_array(raw: bytes, path: str, key: str, field: str) -> None:
-    """A JSON file holding one array: of objects with text in ``field``, or of strings (a ``text`` column)."""
+def _check_json_array(raw: bytes, path: str, key: str, fields: _Fields) -> None:
+    """A JSON file holding one array: of objects holding ``fields``, or of strings (a ``text`` column)."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -477,18 +683,17 @@ def _check_json_array(raw: bytes, path: str, key: str, field: str) -> None:
         ) from None
     has_text = False
     for number, item in enumerate(items, start=1):
-        if isinstance(item, str):  # the loader reads an array of strings as a "text" column
+        if isinstance(item, str) and not fields.pairs:  # the loader reads an array of strings as a "text" column
             has_text = has_text or bool(item.strip())
         else:
-            has_text = _row_has_text(item, field, path, key, f"array item {number}") or has_text
+            has_text = _row_has_text(item, fields, path, key, f"array item {number}") or has_text
     if not has_text:
-        raise _no_text(path, key, field)
+        raise _no_text(path, key, fields)
 
 
-def _no_text(path: str, key: str, field: str) -> ConfigError:
-    return ConfigError(
-        f"{key}: {path!r} has no non-empty {field!r} (data.text_field) value; put text in it or remove it from {key}"
-    )
+def _no_text(path: str, key: str, fields: _Fields) -> ConfigError:
+    values = " or ".join(f"{field!r} ({config_key})" for _, field, config_key in fields.roles)
+    return ConfigError(f"{key}: {path!r} has no non-empty {values} value; put text in it or remove it from {key}")
 
 
 def _json_kind(value: object) -> str:
@@ -501,36 +706,46 @@ def _json_kind(value: object) -> str:
     return {dict: "object", list: "array", str: "string"}.get(type(value), type(value).__name__)
 
 
-def _row_has_text(row: object, field: str, path: str, key: str, where: str) -> bool:
-    """Whether one JSON row has non-empty text in ``field``; a row that cannot be a document is refused.
+def _row_has_text(row: object, fields: _Fields, path: str, key: str, where: str) -> bool:
+    """Whether one JSON row has non-empty text in a field of ``fields``; a row that cannot be a document is refused.
 
-    ``null`` counts as empty (the document is dropped, as an empty string is); anything else that
-    is not a string would make ``datasets`` fail or turn the text column into non-text.
+    A ``null`` text counts as empty (the document is dropped, as an empty string is); a ``null``
+    prompt or response is refused (see :attr:`_Fields.pairs`); anything else that is not a string
+    would make ``datasets`` fail or turn the column into non-text.
     """
     if not isinstance(row, dict):
         raise ConfigError(
             f"{key}: {path!r} {where} is a JSON {_json_kind(row)}, not an object; "
-            f"write one object per line with the text in {field!r} (data.text_field)"
+            f"write one object per line with {fields.described()}"
         )
-    if field not in row:
-        fields = list(row)[:10]
-        raise ConfigError(
-            f"{key}: {path!r} {where} has no {field!r} field (data.text_field); "
-            f"its fields are {fields}; set data.text_field or fix the line"
-        )
-    value = row[field]
-    if value is None:
-        return False
-    if not isinstance(value, str):
-        raise ConfigError(
-            f"{key}: {path!r} {where}: {field!r} (data.text_field) is a {_json_kind(value)}, not a string; "
-            "store the text as a JSON string"
-        )
-    return bool(value.strip())
+    has_text = False
+    for role, field, config_key in fields.roles:
+        if field not in row:
+            names = list(row)[:10]
+            raise ConfigError(
+                f"{key}: {path!r} {where} has no {field!r} field ({config_key}); "
+                f"its fields are {names}; set {config_key} or fix the line"
+            )
+        value = row[field]
+        if value is None and not fields.pairs:
+            continue
+        if not isinstance(value, str):
+            what = "null" if value is None else f"a {_json_kind(value)}"
+            fix = " (an empty one if there is none)" if value is None else ""
+            raise ConfigError(
+                f"{key}: {path!r} {where}: {field!r} ({config_key}) is {what}, not a string; "
+                f"store the {role} as a JSON string{fix}"
+            )
+        has_text = has_text or bool(value.strip())
+    return has_text
 
 
-def _check_parquet(path: str, key: str, field: str) -> None:
-    """A Parquet file must have rows and a string column ``field``; only its footer is read."""
+def _check_parquet(path: str, key: str, fields: _Fields) -> None:
+    """A Parquet file must have rows and a string column per field of ``fields``; only its footer is read.
+
+    ``null`` prompts and responses are refused by the footer's null counts; a writer may leave
+    those out, so :func:`_pairs` counts again after loading.
+    """
     with open(path, "rb") as f:
         head = f.read(4)
         f.seek(max(0, os.path.getsize(path) - 4))
@@ -545,19 +760,84 @@ def _check_parquet(path: str, key: str, field: str) -> None:
     except pa.ArrowException as e:
         detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ConfigError(f"{key}: {path!r} is not a readable Parquet file ({detail}); rewrite it") from None
-    if field not in schema.names:
-        raise ConfigError(
-            f"{key}: {path!r} has no column {field!r} (data.text_field); its columns are {schema.names[:10]}; "
-            "set data.text_field"
-        )
-    kind = schema.field(field).type
-    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)):
-        raise ConfigError(
-            f"{key}: {path!r} column {field!r} (data.text_field) holds {kind}, not strings; "
-            "set data.text_field to the text column"
-        )
+    for role, field, config_key in fields.roles:
+        if field not in schema.names:
+            raise ConfigError(
+                f"{key}: {path!r} has no column {field!r} ({config_key}); its columns are {schema.names[:10]}; "
+                f"set {config_key}"
+            )
+        kind = schema.field(field).type
+        if not _is_string_type(kind):
+            raise ConfigError(
+                f"{key}: {path!r} column {field!r} ({config_key}) holds {kind}, not strings; "
+                f"set {config_key} to the {role} column"
+            )
+        nulls = _parquet_nulls(meta, field) if fields.pairs else 0
+        if nulls:
+            raise ConfigError(
+                f"{key}: {path!r} column {field!r} ({config_key}) is null in {nulls} rows; "
+                f"store every {role} as a string (an empty one if there is none)"
+            )
     if meta.num_rows == 0:
         raise ConfigError(f"{key}: {path!r} has no rows; put text in it or remove it from {key}")
+
+
+def _parquet_nulls(meta: pq.FileMetaData, field: str) -> int:
+    """The nulls of the top-level column ``field`` by the row groups' statistics (0 where there are none)."""
+    leaves = [i for i in range(meta.num_columns) if meta.schema.column(i).path == field]
+    nulls = 0
+    for group in range(meta.num_row_groups):
+        for leaf in leaves:
+            stats = meta.row_group(group).column(leaf).statistics
+            if stats is not None and stats.has_null_count:
+                nulls += stats.null_count
+    return nulls
+
+
+def _is_string_type(kind: pa.DataType) -> bool:
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)
+
+
+def _rows(ds: Dataset, fields: _Fields, where: object) -> Dataset:
+    """``ds`` reduced to the columns of the format: ``text`` (see :func:`_documents`) or ``prompt``, ``response``."""
+    if fields.pairs:
+        return _pairs(ds, fields, where)
+    return _documents(ds, fields.roles[0][1], where)
+
+
+def _pairs(ds: Dataset, fields: _Fields, where: object) -> Dataset:
+    """``ds`` reduced to string columns ``prompt`` and ``response``; every row is kept.
+
+    Raises:
+        ConfigError: a field is not a string column of ``ds``, or holds nulls (files were checked
+            row by row before; this catches Parquet and hub data).
+    """
+    where = _names(where) if isinstance(where, list) else repr(where)
+    for role, field, config_key in fields.roles:
+        if field not in ds.column_names:
+            raise ConfigError(
+                f"{config_key}={field!r} is not a column of {where}; its columns are {ds.column_names}; "
+                f"set {config_key}"
+            )
+        column = ds.data.column(field)
+        if not _is_string_type(column.type):
+            raise ConfigError(
+                f"{config_key}={field!r} of {where} holds {column.type}, not strings; "
+                f"set {config_key} to the {role} column"
+            )
+        if column.null_count:
+            first = pc.indices_nonzero(pc.is_null(column))[0].as_py()
+            raise ConfigError(
+                f"{config_key}={field!r} is null in {column.null_count} rows of {where} "
+                f"(the first is row {first + 1}); "
+                f"store every {role} as a string (an empty one if there is none)"
+            )
+    (_, prompt, _), (_, response, _) = fields.roles
+    ds = ds.select_columns([prompt, response])
+    if (prompt, response) != ("prompt", "response"):  # via unique names, so that swapped names work too
+        ds = ds.rename_columns({prompt: "\0prompt", response: "\0response"})
+        ds = ds.rename_columns({"\0prompt": "prompt", "\0response": "response"})
+    return ds
 
 
 def _documents(ds: Dataset, field: str, where: object) -> Dataset:
@@ -675,7 +955,8 @@ class PreparedData:
     """Packed, tokenized data ready for training.
 
     Attributes:
-        train: blocks of ``seq_len`` token ids, column ``input_ids``, numpy format.
+        train: blocks of ``seq_len`` token ids, column ``input_ids``, numpy format; prompt/response
+            data also has ``labels`` (``-100`` on prompt and padding positions).
         validation: same, for evaluation.
         tokenizer: the tokenizer that produced them.
         fingerprint: the cache key; identical for identical data.
@@ -801,6 +1082,11 @@ def _cache_key(cfg: DataConfig) -> tuple[str, dict]:
         "tokenizer": _tokenizer_stamp(cfg.tokenizer),
         "vocab_size": cfg.vocab_size,
     }
+    if _format(cfg) == "prompt_response":
+        # Added only here, so that the keys of text data (and the caches built under them) stay as they were.
+        spec["data_format"] = "prompt_response"
+        if cfg.source != "builtin":  # the built-in instruct corpus names its fields itself
+            spec["prompt_field"], spec["response_field"] = cfg.prompt_field, cfg.response_field
     if cfg.source == "builtin":
         spec["python"] = sys.version  # the corpus is this Python's library
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
@@ -848,6 +1134,7 @@ def _build(cfg: DataConfig, spec: dict, out: Path) -> None:
     # takes it along, and a finished one drops it below, as the packed blocks replace it.
     hf_cache = out / "hf_datasets"
     texts = load_text(cfg, hf_cache=hf_cache)
+    pairs = _format(cfg) == "prompt_response"
     tokenizer = load_or_train_tokenizer(cfg, _iter_text(texts["train"]))
     tokenizer.save_pretrained(out / "tokenizer")
     scratch = out / "tokenized"
@@ -855,25 +1142,56 @@ def _build(cfg: DataConfig, spec: dict, out: Path) -> None:
     for split in ("train", "validation"):
         docs = texts[split]
         tokenized = docs.map(
-            _encode,
+            _encode_pairs if pairs else _encode,
             batched=True,
             fn_kwargs={"tokenizer": tokenizer},
             num_proc=_num_proc(len(docs), cfg.num_proc),
             remove_columns=docs.column_names,
+            features=_PAIR_FEATURES if pairs else None,
             cache_file_name=str(scratch / f"{split}.arrow"),  # keep intermediates inside the build dir
             load_from_cache_file=False,
             new_fingerprint=f"{out.name}-{split}",  # skips hashing the tokenizer, which is slow
             desc=f"tokenizing {split}",
         )
-        packed, num_tokens = _pack(tokenized, tokenizer.eos_token_id, cfg.seq_len)
-        if len(packed) == 0:
-            raise ConfigError(_too_little_data(cfg, split, num_tokens))
+        if pairs:
+            blocks_file = scratch / f"{split}-packed.arrow"
+            packed, stats = _pack_examples(tokenized, tokenizer.pad_token_id, cfg.seq_len, blocks_file)
+            if len(packed) == 0:
+                raise ConfigError(_no_examples(cfg, split, stats))
+            _log_cut_examples(split, stats, cfg.seq_len)
+            num_tokens = stats["tokens"]
+            meta.setdefault("examples", {})[split] = stats
+        else:
+            packed, num_tokens = _pack(tokenized, tokenizer.eos_token_id, cfg.seq_len)
+            if len(packed) == 0:
+                raise ConfigError(_too_little_data(cfg, split, num_tokens))
         packed.save_to_disk(str(out / split))
         meta["documents"][split], meta["blocks"][split], meta["tokens"][split] = len(docs), len(packed), num_tokens
-        del tokenized
+        del tokenized, packed  # the packed examples are memory-mapped from scratch, deleted next
     shutil.rmtree(scratch, ignore_errors=True)
     shutil.rmtree(hf_cache, ignore_errors=True)
     (out / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+
+
+def _no_examples(cfg: DataConfig, split: str, stats: dict) -> str:
+    """The one-line error for a prompt/response ``split`` that yields no block at all."""
+    if stats["examples"]:  # every example's prompt fills a whole block
+        return (
+            f"data.seq_len={cfg.seq_len}: all {stats['examples']} examples of the {split} split have a prompt of "
+            "data.seq_len tokens or more, leaving no room for a response; raise data.seq_len or shorten the prompts"
+        )
+    return f"data.seq_len={cfg.seq_len}: the {split} split has no examples; add examples"
+
+
+def _log_cut_examples(split: str, stats: dict, seq_len: int) -> None:
+    """One warning per split for the examples that did not fit a block (see :func:`_pack_examples`)."""
+    if stats["truncated"] or stats["dropped"]:
+        logger.warning(
+            "%s split: %d of %d examples are longer than data.seq_len=%d: %d were truncated to it (their "
+            "response cut short), %d dropped (the prompt alone fills a block); raise data.seq_len to keep them whole",
+            split, stats["truncated"] + stats["dropped"], stats["examples"], seq_len, stats["truncated"],
+            stats["dropped"],
+        )
 
 
 def _too_little_data(cfg: DataConfig, split: str, num_tokens: int) -> str:
@@ -905,9 +1223,12 @@ def _too_little_data(cfg: DataConfig, split: str, num_tokens: int) -> str:
 
 
 def _iter_text(ds: Dataset) -> Iterator[str]:
+    """The texts of ``ds`` to train a tokenizer on: the ``text`` column, or each prompt and response."""
     # Batched iteration: never materialises a hub-sized split as one Python list.
+    columns = ["prompt", "response"] if "prompt" in ds.column_names else ["text"]
     for batch in ds.iter(batch_size=1000):
-        yield from batch["text"]
+        for row in zip(*(batch[c] for c in columns)):
+            yield from row
 
 
 def _num_proc(num_docs: int, num_proc: int) -> int | None:
@@ -947,6 +1268,136 @@ def _pack(tokenized: Dataset, eos_id: int, seq_len: int) -> tuple[Dataset, int]:
     usable = len(stream) // seq_len * seq_len
     blocks = pa.FixedSizeListArray.from_arrays(pa.array(stream[:usable]), seq_len)
     return Dataset(InMemoryTable(pa.table({"input_ids": blocks}))), len(stream)
+
+
+#: The tokenized prompt/response examples: the ids of prompt, response and eos, and the prompt's length.
+_PAIR_FEATURES = Features({"input_ids": List(Value("int32")), "prompt_len": Value("int32")})
+
+#: Tokens per chunk of :func:`_pack_examples` (at most: a chunk holds this // seq_len examples, each
+#: of at most seq_len tokens once truncated). Its working arrays take about 40 bytes a token, so
+#: memory stays near 200 MB whatever the corpus size.
+_PACK_CHUNK_TOKENS = 1 << 22
+
+
+def _encode_pairs(batch: dict, tokenizer: PreTrainedTokenizerFast) -> dict:
+    # Prompt and response are tokenized apart, so the boundary between them (where the labels
+    # start) falls between tokens; joint tokenization could merge its two sides into one token.
+    prompts = tokenizer(batch["prompt"], add_special_tokens=False, return_attention_mask=False, verbose=False)
+    responses = tokenizer(batch["response"], add_special_tokens=False, return_attention_mask=False, verbose=False)
+    eos = [tokenizer.eos_token_id]
+    return {
+        "input_ids": [p + r + eos for p, r in zip(prompts["input_ids"], responses["input_ids"])],
+        "prompt_len": [len(p) for p in prompts["input_ids"]],
+    }
+
+
+def _pack_examples(tokenized: Dataset, pad_id: int, seq_len: int, path: Path | None = None) -> tuple[Dataset, dict]:
+    """Pack whole prompt/response examples into blocks of ``seq_len``: ``input_ids`` and ``labels``.
+
+    Each example is its prompt ids, response ids and eos (``tokenized`` holds them in ``input_ids``,
+    with ``prompt_len``); its labels are ``-100`` (:data:`IGNORE_INDEX`) on the
+    prompt and the ids themselves on the response and eos, so the loss counts response tokens only.
+
+    Greedy next-fit, in dataset order: an example goes into the current block if it fits in the
+    room left, else the block is closed (its rest padded: ``pad_id`` in ``input_ids``, ``-100`` in
+    ``labels``) and the example starts the next one. No example is split across blocks. An example
+    longer than ``seq_len`` is truncated to its first ``seq_len`` tokens (the response is cut short
+    and has no eos) and fills a block alone; one whose prompt alone has ``seq_len`` tokens or more
+    would have no target left and is dropped. Both are counted in the returned stats, which the
+    caller logs once. The last block is padded and kept, so no example is lost to packing.
+
+    Examples packed into one block attend to the earlier examples of the block (the usual packing,
+    as TRL's ``packing=True`` without per-example position resets or flash-attention boundaries):
+    a response sees its own prompt and, further back, unrelated examples. That noisier context is
+    the usual price of packing's throughput (far less padding than one example per block).
+
+    Like :func:`_pack`, this is one sequential pass after the multi-process ``map``, so the blocks
+    depend on the examples only, never on ``num_proc``. It streams: ``_PACK_CHUNK_TOKENS // seq_len``
+    examples at a time, the placement a loop over their lengths and the copying vectorised, carrying the one
+    open block from chunk to chunk; with ``path`` the blocks go to an Arrow file there (memory
+    mapped back), so memory is bounded by a chunk, not the corpus.
+
+    Args:
+        tokenized: columns ``input_ids`` (prompt + response + eos) and ``prompt_len``.
+        pad_id: the id padding positions get in ``input_ids``.
+        seq_len: the block length.
+        path: where to write the blocks; ``None`` keeps them in memory (for small data and tests).
+
+    Returns:
+        the blocks (columns ``input_ids`` and ``labels``, int32) and stats: ``examples``,
+        ``truncated``, ``dropped``, ``tokens`` (placed in blocks), ``targets`` (labels that are not
+        -100) and ``padding`` (padded positions).
+    """
+    block_type = pa.list_(pa.int32(), seq_len)
+    schema = pa.schema([("input_ids", block_type), ("labels", block_type)])
+    stats = dict(examples=0, truncated=0, dropped=0, tokens=0, targets=0, padding=0)
+    sink = pa.ipc.new_stream(str(path), schema) if path is not None else None
+    batches = []
+    # The open block: its ids and labels so far (padding and -100 beyond ``fill``).
+    open_ids = np.full(seq_len, pad_id, dtype=np.int32)
+    open_labels = np.full(seq_len, IGNORE_INDEX, dtype=np.int32)
+    fill = 0
+
+    def emit(ids: np.ndarray, labels: np.ndarray) -> None:
+        columns = [pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1)), seq_len) for a in (ids, labels)]
+        batch = pa.RecordBatch.from_arrays(columns, schema=schema)
+        stats["padding"] += len(ids) * seq_len  # minus the tokens, at the end
+        if sink is not None:
+            sink.write_batch(batch)
+        else:
+            batches.append(batch)
+
+    try:
+        for record in tokenized.data.to_batches(max_chunksize=max(1, _PACK_CHUNK_TOKENS // seq_len)):
+            column = record.column("input_ids")
+            offsets = column.offsets.to_numpy().astype(np.int64)  # into column.values, also for a slice
+            values = column.values.to_numpy()
+            lengths = np.diff(offsets)
+            prompt_lens = record.column("prompt_len").to_numpy().astype(np.int64)
+            kept = np.minimum(lengths, seq_len)
+            prompts = np.minimum(prompt_lens, kept)
+            # Placement: where in this chunk's blocks each example starts (row-major over
+            # [open block, new blocks...]), -1 for dropped ones. Inherently sequential.
+            starts = np.full(len(lengths), -1, dtype=np.int64)
+            block = 0
+            for i, (size, prompt) in enumerate(zip(kept.tolist(), prompts.tolist())):
+                if prompt >= size:
+                    continue
+                if fill + size > seq_len:
+                    block, fill = block + 1, 0
+                starts[i] = block * seq_len + fill
+                fill += size
+            placed = starts >= 0
+            stats["examples"] += len(lengths)
+            stats["dropped"] += int((~placed).sum())
+            stats["truncated"] += int((placed & (lengths > seq_len)).sum())
+            ids = np.full((block + 1, seq_len), pad_id, dtype=np.int32)
+            labels = np.full((block + 1, seq_len), IGNORE_INDEX, dtype=np.int32)
+            ids[0], labels[0] = open_ids, open_labels
+            # Copy every placed token at once: token j of example i goes from values[offsets[i] + j]
+            # to the flat position starts[i] + j, and is a target when j >= its prompt length.
+            sizes, firsts = kept[placed], starts[placed]
+            within = np.arange(int(sizes.sum())) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+            source = np.repeat(offsets[:-1][placed], sizes) + within
+            target = np.repeat(firsts, sizes) + within
+            tokens = values[source]
+            ids.reshape(-1)[target] = tokens
+            labels.reshape(-1)[target] = np.where(within >= np.repeat(prompts[placed], sizes), tokens, IGNORE_INDEX)
+            stats["tokens"] += len(tokens)
+            stats["targets"] += int((within >= np.repeat(prompts[placed], sizes)).sum())
+            if block:  # every block but the last is closed: nothing placed later can go into it
+                emit(ids[:block], labels[:block])
+            open_ids, open_labels = ids[block].copy(), labels[block].copy()
+        if fill:
+            emit(open_ids[None], open_labels[None])
+    finally:
+        if sink is not None:
+            sink.close()
+    stats["padding"] -= stats["tokens"]
+    if path is not None:
+        return Dataset.from_file(str(path)), stats
+    table = pa.Table.from_batches(batches, schema=schema)
+    return Dataset(InMemoryTable(table)), stats
 
 
 def _load(path: Path, key: str) -> PreparedData:
@@ -1032,10 +1483,12 @@ class GlobalBatchSampler:
 
 
 def collate(dataset: Dataset, indices: Iterable[int]) -> dict[str, torch.Tensor]:
-    """Stack the blocks at ``indices`` into ``{"input_ids": LongTensor[B, seq_len]}``.
+    """Stack the blocks at ``indices`` into ``{"input_ids": LongTensor[B, seq_len]}``, plus ``labels`` if any.
 
-    There is no separate ``labels``: pass ``labels=input_ids`` to the model, which shifts them
-    itself to predict each next token.
+    Packed text has no ``labels`` column: every next token is a target, so the caller passes
+    ``labels=input_ids`` (the model shifts them itself). Prompt/response blocks have one, ``-100``
+    on the positions without loss.
     """
-    rows = dataset[[int(i) for i in indices]]["input_ids"]
-    return {"input_ids": torch.as_tensor(np.asarray(rows), dtype=torch.long)}
+    rows = dataset[[int(i) for i in indices]]
+    columns = ("input_ids", "labels") if "labels" in dataset.column_names else ("input_ids",)
+    return {c: torch.as_tensor(np.asarray(rows[c]), dtype=torch.long) for c in columns}
