@@ -18,15 +18,15 @@ import sys
 from pathlib import Path
 
 from distrib.config import ConfigError, load_config
+from distrib.stages import STAGES
 
-TRAIN_STAGES = ("pretrain",)
 EXIT_CONFIG = 2
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distrib", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for stage in TRAIN_STAGES:
+    for stage in STAGES:
         p = sub.add_parser(stage, help=f"run the {stage} stage")
         p.add_argument("config", help="YAML config, e.g. configs/pretrain/tiny.yaml")
         p.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
@@ -103,8 +103,10 @@ def _train(args, cfg) -> int:
     worker or process group exists: the config, the world, the resume point and the data (prepared
     into the shared cache now, so a bad file is one line, not a traceback per rank).
     """
+    from distrib.base import check_base, resolve_base, with_base
     from distrib.checkpoint import check_resumable
     from distrib.data import prepare_data
+    from distrib.stages import stage_class
     from distrib.lock import RunLock, held_by_launcher
     from launch.env import LaunchEnvError, detect
 
@@ -119,10 +121,14 @@ def _train(args, cfg) -> int:
     if local and (args.nproc_per_node < 1 or args.nnodes < 1):
         return _fail("--nproc-per-node and --nnodes must be at least 1")
     world = args.nproc_per_node * args.nnodes if local else env.world_size
-    cfg.check_world(world)
     if _launcher_rank() == 0 and args.node_rank == 0 and not held_by_launcher(cfg.output_dir):
         RunLock(cfg.output_dir).check_free()  # a busy directory is the first thing to say
+    cfg = with_base(cfg, resolve_base(cfg))  # init_from: the model, its config and its tokenizer
+    stage_class(args.command).check(cfg)
+    cfg.check_world(world)
     resume_from = check_resumable(cfg)
+    if resume_from is not None:
+        check_base(cfg, resume_from)
     if resume_from is not None and _finished(cfg, resume_from):
         return 0
     prepare_data(cfg.data, cfg.seed)  # bad data is one line here; workers after this hit the cache
@@ -149,7 +155,6 @@ def _train(args, cfg) -> int:
 
     quiet_other_ranks()  # before DeepSpeed is imported: its import already warns
 
-    from distrib.stages import STAGES
     from distrib.topology import Topology
     from distrib.trainer import Trainer, TrainingError
     from distrib.utils import setup_logging
@@ -168,7 +173,7 @@ def _train(args, cfg) -> int:
                 refused = str(e)
         if topo.any(refused is not None):
             return _fail(refused or "another run holds output_dir")
-        Trainer(cfg, topo, STAGES[args.command](), resume_from=resume_from, stop=stop).fit()
+        Trainer(cfg, topo, stage_class(args.command)(), resume_from=resume_from, stop=stop).fit()
     except TrainingError as e:
         if topo.is_main or e.from_this_rank:
             print(f"distrib: error: {e}", file=sys.stderr)
@@ -191,7 +196,7 @@ def _finished(cfg, checkpoint) -> bool:
     if cfg.export.at_end and not (hf / "config.json").is_file():
         from distrib.export import export_checkpoint
 
-        export_checkpoint(checkpoint, hf)
+        export_checkpoint(checkpoint, hf, adapter_dir=Path(cfg.output_dir) / "adapter")
     if _launcher_rank() == 0:
         where = f"; its export is {hf}" if (hf / "config.json").is_file() else ""
         print(f"distrib: {cfg.output_dir} already finished at step {step}{where}; "

@@ -323,6 +323,8 @@ class TrainConfig(_Section):
     warmup_steps: Int = Field(10, ge=0)
     lr_decay: Literal["cosine", "linear", "constant"] = "cosine"
     weight_decay: Float = Field(0.1, ge=0.0)
+    #: Weight decay applies to matrices only: never to biases or norms, and to embeddings only when true.
+    decay_embeddings: bool = False
     beta1: Float = Field(0.9, gt=0.0, lt=1.0)
     beta2: Float = Field(0.95, gt=0.0, lt=1.0)
     eps: Float = Field(1e-8, gt=0.0)
@@ -498,11 +500,98 @@ def _check_deepspeed(ds: dict) -> None:
                 )
 
 
+class FreezeConfig(_Section):
+    """What stays frozen before anything is made trainable again by ``finetune.trainable``."""
+
+    #: Input embeddings and other embedding tables outside the blocks (GPT-2 ``wpe``); a tied head too.
+    embeddings: bool = False
+    #: The output head (``lm_head``); tied input embeddings too.
+    head: bool = False
+    #: Freeze transformer blocks ``0 .. bottom_layers - 1``.
+    bottom_layers: Int = Field(0, ge=0)
+    #: ``fnmatch`` patterns over parameter names to freeze as well.
+    patterns: list[str] = Field(default_factory=list)
+    #: Freeze every base weight on purpose: with no adapters nothing trains and the run only measures the
+    #: loss (a control); without this key a configuration that freezes everything is refused.
+    all: bool = False
+
+
+class LoraConfig(_Section):
+    """LoRA adapters through ``peft``: off unless ``rank`` is set."""
+
+    rank: Int | None = None
+    alpha: Float = Field(16.0, gt=0.0)
+    dropout: Float = Field(0.0, ge=0.0, lt=1.0)
+    #: Module names (peft's rule: a module's full name or a dot-separated suffix of it, e.g. ``q_proj``
+    #: or ``attn.c_proj``); default per architecture, see :data:`DEFAULT_TARGETS`.
+    target_modules: list[str] | None = None
+    #: Also train the norm layers the freeze left trainable (peft ``modules_to_save``).
+    train_norms: bool = False
+    #: Also train the biases the freeze left trainable (peft ``bias="all"``).
+    train_biases: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank is not None
+
+    @model_validator(mode="after")
+    def _check(self) -> "LoraConfig":
+        if self.rank is not None and self.rank < 1:
+            raise ConfigError(
+                f"finetune.lora.rank={self.rank} must be at least 1; set a rank such as 8, "
+                "or remove finetune.lora.rank to fine-tune without LoRA"
+            )
+        if self.rank is None:
+            # Only values that differ from the default: a dumped config (config.yaml) holds every key.
+            for key, field in type(self).model_fields.items():
+                if key != "rank" and getattr(self, key) != field.get_default(call_default_factory=True):
+                    raise ConfigError(
+                        f"finetune.lora.{key} is set but finetune.lora.rank is not; set finetune.lora.rank "
+                        f"(e.g. 8) to fine-tune with LoRA, or remove finetune.lora.{key}"
+                    )
+        if self.target_modules is not None:
+            if not self.target_modules:
+                raise ConfigError(
+                    "finetune.lora.target_modules is empty; list module names such as [q_proj, v_proj], "
+                    "or remove it for the architecture's default"
+                )
+            for name in self.target_modules:
+                if not name.strip() or name != name.strip() or ".." in name or name.startswith(".") or name.endswith("."):
+                    raise ConfigError(
+                        f"finetune.lora.target_modules: {name!r} is not a module name; write names such as q_proj "
+                        "or attn.c_proj"
+                    )
+        return self
+
+
+class FinetuneConfig(_Section):
+    """Which parameters a fine-tune trains. All keys combine; see this module's docstring."""
+
+    freeze: FreezeConfig = Field(default_factory=FreezeConfig)
+    #: Train only the top K transformer blocks and the final norm (embeddings and head frozen).
+    train_top_layers: Int | None = Field(None, gt=0)
+    #: ``fnmatch`` patterns over parameter names made trainable after freezing (wins over every freeze).
+    trainable: list[str] = Field(default_factory=list)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> "FinetuneConfig":
+        if self.train_top_layers is not None and self.freeze.bottom_layers:
+            raise ConfigError(
+                f"finetune.train_top_layers={self.train_top_layers} and finetune.freeze.bottom_layers="
+                f"{self.freeze.bottom_layers} both choose the frozen layers; set only one of them"
+            )
+        return self
+
+
 class Config(_Section):
     output_dir: PathStr = Field("runs/default", min_length=1)
     # numpy's sampler RNG refuses negative seeds, and torch.manual_seed takes 64 bits (the trainer adds rank and step)
     seed: Int = Field(1234, ge=0, lt=2**63)
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    #: Start from these weights (a distrib run directory, a checkpoint or a Hugging Face directory):
+    #: weights, architecture and tokenizer only, never optimizer state or data position.
+    init_from: PathStr | None = None
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -511,6 +600,7 @@ class Config(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     deepspeed: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("deepspeed")
@@ -522,6 +612,12 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> "Config":
+        if self.finetune.lora.enabled and self.parallel.tp > 1:
+            raise ConfigError(
+                f"finetune.lora with parallel.tp={self.parallel.tp} is not supported: DeepSpeed AutoTP does not split "
+                "peft's LoRA layers; use parallel.tp=1 (LoRA's trainable state is small), or fine-tune without LoRA "
+                "(finetune.freeze, finetune.train_top_layers and finetune.trainable work with tensor parallelism)"
+            )
         if self.parallel.offload_params and self.precision == "fp16":
             raise ConfigError("parallel.offload_params with precision=fp16 is not supported here; use precision=bf16")
         max_pos = self.model.max_position_embeddings

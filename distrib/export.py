@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -36,14 +37,19 @@ def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     if any(ckpt.glob("*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+        # A fine-tune's checkpoint leaves frozen weights out (they are the base's); pretraining has none.
+        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name, exclude_frozen_parameters=True)
     # ZeRO-0 in fp32 keeps whole weights (and the optimizer) in the model-states file.
     state = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
     return {k: v.float() for k, v in state["module"].items()}
 
 
-def export_checkpoint(ckpt: Path, out_dir: Path) -> Path:
+def export_checkpoint(ckpt: Path, out_dir: Path, adapter_dir: Path | None = None) -> Path:
     """Write ``out_dir`` (config.json, model.safetensors, tokenizer files) from checkpoint ``ckpt``.
+
+    A fine-tune's checkpoint (trained on a base, ``init_from``) is re-attached to its base; with LoRA the
+    adapters are also written in peft's own format to ``adapter_dir`` (default ``out_dir/adapter``) and
+    merged into the weights of ``out_dir``.
 
     Raises:
         ConfigError: ``ckpt`` is not a checkpoint, or ``out_dir`` holds something other than an export.
@@ -55,23 +61,64 @@ def export_checkpoint(ckpt: Path, out_dir: Path) -> Path:
         raise ConfigError(f"{out_dir} exists and is not an earlier export; choose an empty or new directory")
     cfg = Config.model_validate(yaml.safe_load((ckpt / "config.yaml").read_text()))
     tokenizer = AutoTokenizer.from_pretrained(ckpt / "tokenizer")
-    hf_cfg = hf_config(cfg.model, vocab_size=len(tokenizer), seq_len=cfg.data.seq_len)
     dtype = torch_dtype(cfg.precision)
-    model = empty_model(hf_cfg)
     state = consolidated_state_dict(ckpt)
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    tied = {"lm_head.weight"} if hf_cfg.tie_word_embeddings else set()
-    if unexpected or set(missing) - tied:
-        raise RuntimeError(f"checkpoint {ckpt} does not match the model: missing {missing}, unexpected {unexpected}")
-    model.tie_weights()
+    adapter = None
+    if cfg.init_from:
+        model, adapter = _on_base(cfg, state, ckpt, dtype, staging=out_dir.parent)
+    else:
+        hf_cfg = hf_config(cfg.model, vocab_size=len(tokenizer), seq_len=cfg.data.seq_len)
+        model = empty_model(hf_cfg)
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+        tied = {"lm_head.weight"} if hf_cfg.tie_word_embeddings else set()
+        if unexpected or set(missing) - tied:
+            raise RuntimeError(f"checkpoint {ckpt} does not match the model: missing {missing}, unexpected {unexpected}")
+        model.tie_weights()
     model = model.to(dtype)
     model.config.dtype = dtype
     model.config.use_cache = True
+    _publish(out_dir, lambda tmp: (model.save_pretrained(tmp, safe_serialization=True), tokenizer.save_pretrained(tmp)))
+    if adapter is not None:
+        _publish(Path(adapter_dir) if adapter_dir else out_dir / "adapter", lambda tmp: os.replace(adapter, tmp))
+    return out_dir
+
+
+def _on_base(cfg: Config, state: dict[str, torch.Tensor], ckpt: Path, dtype: torch.dtype, staging: Path):
+    """The fine-tuned model: its base with the same frozen parts and adapters, the trained tensors loaded.
+
+    Returns:
+        the plain model (LoRA merged), and the peft adapter directory written under ``staging`` (None
+        without LoRA).
+    """
+    from transformers import AutoModelForCausalLM
+
+    from distrib.adapters import apply_freeze, apply_lora, merged_model, save_adapter
+
+    base = AutoModelForCausalLM.from_pretrained(cfg.model.pretrained, dtype=torch.float32)
+    apply_freeze(base, cfg.finetune)
+    model = apply_lora(base, cfg.finetune, seed=cfg.seed)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    missing = trainable - set(state)
+    unexpected = set(state) - {n for n, _ in model.named_parameters()}
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint {ckpt} does not match its base {cfg.model.pretrained}: missing "
+                           f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+    model.load_state_dict(state, strict=False)
+    if not cfg.finetune.lora.enabled:
+        return model, None
+    model = model.to(dtype)  # the adapter as it trained: on the base in the training precision
+    # peft saves from the live model: write the adapter now, before merging consumes it.
+    staging.mkdir(parents=True, exist_ok=True)
+    staged = Path(tempfile.mkdtemp(prefix=".adapter-", dir=staging))
+    save_adapter(model, staged)
+    return merged_model(model.to(torch.float32)), staged
+
+
+def _publish(out_dir: Path, write) -> None:
+    """``write(tmp)`` then swap ``tmp`` in for ``out_dir`` (the old export stays whole until then)."""
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
+    write(tmp)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
-    return out_dir

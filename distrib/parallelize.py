@@ -90,13 +90,24 @@ def lr_lambda(cfg: Config):
 
 
 def build_engine(model: torch.nn.Module, cfg: Config, topo: Topology, ds_config: dict):
-    """Wrap ``model`` in a DeepSpeed engine with the optimizer over its trainable parameters."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    """Wrap ``model`` in a DeepSpeed engine with AdamW over its trainable parameters.
+
+    Two parameter groups: matrices decay, biases and norms (and embeddings unless
+    ``train.decay_embeddings``) do not. A model with nothing to train (a frozen control run, a teacher)
+    gets an engine without optimizer: ZeRO-3 still partitions it, nothing holds optimizer state.
+    """
+    from distrib.adapters import param_groups
+
+    groups = param_groups(model, cfg.train.weight_decay, decay_embeddings=cfg.train.decay_embeddings)
+    if not groups:
+        ds_config = {k: v for k, v in ds_config.items() if k not in ("optimizer", "gradient_clipping")}
+        ds_config["zero_optimization"] = {k: v for k, v in ds_config["zero_optimization"].items()
+                                          if not k.startswith("offload_optimizer")}
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model,
-        model_parameters=params,
+        model_parameters=groups or None,
         config=ds_config,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)),
+        lr_scheduler=(lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))) if groups else None,
         # With tp > 1 DeepSpeed must count batch sizes over the dp axis only (our Topology is its mpu).
         mpu=topo if topo.tp > 1 else None,
     )

@@ -19,6 +19,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from distrib import faults
+from distrib.adapters import format_summary, trainable_summary
+from distrib.base import base_hash
 from distrib.checkpoint import Checkpointer, TrainState, latest_checkpoint
 from distrib.config import Config
 from distrib.data import GlobalBatchSampler, collate, prepare_data
@@ -103,15 +105,21 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank and world size
         dtype = torch_dtype(cfg.precision)
         model = self._build_model(ds_config, dtype)
+        self.trainable = trainable_summary(model)
         if topo.tp > 1:
             ds_config = apply_plan(model, cfg, ds_config)
         self.engine = build_engine(model, cfg, topo, ds_config)
+        self.trains = self.engine.optimizer is not None
         # DeepSpeed reports no gradient norm for a plain fp32 optimizer (ZeRO-0): measure it ourselves.
         self.own_grad_norm = cfg.parallel.zero_stage == 0 and cfg.precision == "fp32"
         self.skip_nonfinite = cfg.train.nonfinite == "skip"
 
+        base = Path(cfg.model.pretrained) if cfg.init_from else None
         self.state = TrainState(world_size=topo.world_size, dp=topo.dp, tp=topo.tp, zero_stage=cfg.parallel.zero_stage,
-                                config_hash=cfg.identity_hash(), max_steps=cfg.train.max_steps)
+                                config_hash=cfg.identity_hash(), max_steps=cfg.train.max_steps,
+                                base={"path": str(base), "sha256": base_hash(base)} if base else None)
+        # What is frozen comes from the base again at every start; checkpoints hold what trains.
+        self.ckpt.exclude_frozen = self.trainable["trainable"] < self.trainable["total"]
         if resume_from is not None:
             prev = self.ckpt.load(self.engine, resume_from, universal)
             self.state.step, self.state.samples_seen, self.state.tokens_seen = prev.step, prev.samples_seen, prev.tokens_seen
@@ -129,10 +137,12 @@ class Trainer:
                                           cfg.train.micro_batch_size, topo.dp, topo.dp_rank, cfg.seed)
         self.device = topo.device
         self.tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
-        self.flops_per_token = flops_per_token(self.hf_cfg, self.n_params, cfg.data.seq_len)
+        self.flops_per_token = flops_per_token(self.hf_cfg, self.n_params, cfg.data.seq_len,
+                                               trainable=self.trainable["trainable"])
         peak = cfg.metrics.peak_tflops or topo.max(measure_peak_tflops(dtype))  # the devices are alike: take the best
         self.peak_flops = peak * 1e12 * topo.world_size
         self._write_layout()  # before the progress bar starts drawing
+        log_main(format_summary(self.trainable))
         log_main(
             f"{stage.name}: {self.n_params / 1e6:.2f}M params, world={topo.world_size} (dp={topo.dp} x tp={topo.tp}), "
             f"ZeRO-{cfg.parallel.zero_stage}, {cfg.precision}, grad accum {cfg.grad_accum_steps(topo.world_size)}, "
@@ -168,21 +178,31 @@ class Trainer:
             unset_hf_deepspeed_config()
 
     def _write_layout(self) -> None:
-        """``<output_dir>/layout.json``: what every rank holds (parameter elements and bytes, by name)."""
+        """``<output_dir>/layout.json``: what every rank holds (parameters by name, trainable elements and, once
+        the optimizer has stepped, its state bytes, measured from the engine)."""
         import torch.distributed as dist
 
         local = {n: p.ds_tensor if hasattr(p, "ds_tensor") else p for n, p in self.engine.module.named_parameters()}
+        trainable = {n for n, p in self.engine.module.named_parameters() if p.requires_grad}
+        opt_bytes = optimizer_state_bytes(self.engine.optimizer)
         mine = {"rank": self.topo.rank, "dp_rank": self.topo.dp_rank, "tp_rank": self.topo.tp_rank,
                 "param_numel": sum(t.numel() for t in local.values()),
                 "param_bytes": sum(t.numel() * t.element_size() for t in local.values()),
+                "trainable_numel": sum(t.numel() for n, t in local.items() if n in trainable),
+                "optimizer_state_bytes": opt_bytes,
                 "params": {n: t.numel() for n, t in local.items()}}
         ranks = [None] * self.topo.world_size
         dist.all_gather_object(ranks, mine)
         if self.topo.is_main:
             layout = {"world_size": self.topo.world_size, "dp": self.topo.dp, "tp": self.topo.tp,
-                      "zero_stage": self.cfg.parallel.zero_stage, "total_params": self.n_params, "ranks": ranks}
+                      "zero_stage": self.cfg.parallel.zero_stage, "total_params": self.n_params,
+                      "trainable_params": self.trainable["trainable"], "ranks": ranks}
             (self.out / "layout.json").write_text(json.dumps(layout, indent=1))
-            log_main(f"parameters per rank: {mine['param_numel'] / 1e6:.2f}M elements, {mine['param_bytes'] / 2**20:.1f} MiB")
+            if opt_bytes:
+                log_main(f"optimizer state per rank: {opt_bytes / 2**20:.2f} MiB (measured after the first step)")
+            else:
+                log_main(f"parameters per rank: {mine['param_numel'] / 1e6:.2f}M elements, "
+                         f"{mine['param_bytes'] / 2**20:.1f} MiB; trainable {mine['trainable_numel'] / 1e6:.3f}M")
 
     # -- pieces of the loop -------------------------------------------------------------------------
     def _batch(self, dataset, indices) -> dict:
@@ -246,7 +266,7 @@ class Trainer:
         undoes both, leaving d(sum / N).
         """
         start = time.perf_counter()
-        lr = self.engine.get_lr()[0]
+        lr = self.engine.get_lr()[0] if self.trains else 0.0
         micro = self.sampler.micro_batches(self.state.step)
         batches = [self._batch(self.data.train, indices) for indices in micro]
         local_tokens = sum(target_tokens(b["labels"]) for b in batches)
@@ -258,6 +278,10 @@ class Trainer:
         step = self.state.step + 1
         for i, batch in enumerate(batches):
             self.topo.mark(step, i, "forward")
+            if not self.trains:  # nothing trainable (a frozen control run): measure the loss, change nothing
+                with torch.no_grad():
+                    total += self.stage.loss(self.engine, batch).total.float()
+                continue
             out = self.stage.loss(self.engine, batch)
             if faults.at("step", self.topo.rank, step) == "nan":
                 out.total = out.total * float("nan")
@@ -343,6 +367,8 @@ class Trainer:
         while state.step < cfg.train.max_steps:
             record = self.train_step()
             steps_this_run += 1
+            if steps_this_run == 1:
+                self._write_layout()  # now with the optimizer state Adam allocated in its first step
             last = state.step == cfg.train.max_steps
             if state.step % cfg.eval.every_steps == 0 or last:
                 record.update(self.evaluate())
@@ -370,9 +396,34 @@ class Trainer:
 
         if self.topo.is_main:
             path = latest_checkpoint(self.ckpt.root)
-            export_checkpoint(path, self.out / "hf")
-            log_main(f"exported {path.name} to {self.out / 'hf'}")
+            export_checkpoint(path, self.out / "hf", adapter_dir=self.out / "adapter")
+            extra = f" (LoRA adapter in peft's format: {self.out / 'adapter'})" if self.cfg.finetune.lora.enabled else ""
+            log_main(f"exported {path.name} to {self.out / 'hf'}{extra}")
         self.topo.barrier()
+
+
+def optimizer_state_bytes(optimizer) -> int:
+    """Bytes of optimizer state this rank holds: Adam moments and fp32 master copies, each tensor once.
+
+    Walks DeepSpeed's wrappers (ZeRO, bf16) down to the base optimizer; 0 before the first step (Adam
+    allocates its state lazily) and for an engine without optimizer.
+    """
+    seen: dict[tuple[int, int], int] = {}
+
+    def add(t) -> None:
+        if torch.is_tensor(t) and t.numel():
+            seen[(t.data_ptr(), t.numel())] = t.numel() * t.element_size()
+
+    opt = optimizer
+    while opt is not None:
+        for st in getattr(opt, "state", {}).values():
+            for v in (st.values() if isinstance(st, dict) else ()):
+                add(v)
+        for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat_partition"):
+            for t in getattr(opt, name, None) or ():
+                add(t)
+        opt = getattr(opt, "optimizer", None)
+    return sum(seen.values())
 
 
 class TrainingError(RuntimeError):

@@ -1,5 +1,19 @@
-"""Stages of a base model's life. Each supplies models and a loss to the one Trainer."""
+"""Stages of a base model's life. Each supplies models and a loss to the one Trainer.
 
-from distrib.stages.pretrain import PretrainStage
+The registry names every stage once: the CLI's subcommands and the Slurm script's ``STAGE`` come from
+it. Entries are import paths, so that reading a config (and refusing a bad one) imports no model code.
+"""
 
-STAGES = {"pretrain": PretrainStage}
+from __future__ import annotations
+
+import importlib
+
+STAGES = {
+    "pretrain": "distrib.stages.pretrain:PretrainStage",
+    "finetune": "distrib.stages.finetune:FinetuneStage",
+}
+
+
+def stage_class(name: str):
+    module, cls = STAGES[name].split(":")
+    return getattr(importlib.import_module(module), cls)

@@ -4,13 +4,24 @@ from __future__ import annotations
 
 import torch
 
-from distrib.config import Config
+from distrib.config import Config, ConfigError, FinetuneConfig
 from distrib.model import build_model
 from distrib.trainer import LossOut, causal_lm_loss
 
 
 class PretrainStage:
     name = "pretrain"
+
+    @staticmethod
+    def check(cfg: Config) -> None:
+        """Stage-specific checks, before anything starts.
+
+        Raises:
+            ConfigError: fine-tuning keys on a pretraining run (they would be silently ignored).
+        """
+        if cfg.finetune != FinetuneConfig():
+            raise ConfigError("finetune.* keys are set but this is the pretrain stage; run `distrib finetune`, or "
+                              "remove the finetune section")
 
     def build_model(self, cfg: Config, hf_cfg, dtype: torch.dtype) -> torch.nn.Module:
         return build_model(cfg.model, hf_cfg, seed=cfg.seed, dtype=dtype)

@@ -118,7 +118,7 @@ import sys, torch
 from pathlib import Path
 from launch.env import detect
 from distrib.config import load_config
-from distrib.stages import STAGES
+from distrib.stages import stage_class
 from distrib.topology import Topology
 from distrib.trainer import Trainer
 from distrib.data import collate
@@ -127,7 +127,7 @@ from transformers import AutoModelForCausalLM
 cfg = load_config(sys.argv[1], sys.argv[3:])
 detect().export()
 topo = Topology.init()
-trainer = Trainer(cfg, topo, STAGES["pretrain"]())
+trainer = Trainer(cfg, topo, stage_class("pretrain")())
 trainer.fit()
 batch = collate(trainer.data.validation, range(4))["input_ids"]
 with torch.no_grad():

@@ -204,8 +204,12 @@ def test_layer_counts_beyond_the_model_and_nothing_trainable_are_refused():
         apply_freeze(llama(), ft(freeze={"patterns": ["*"]}))
     assert str(e.value) == (
         "finetune: this configuration freezes every parameter of the model; train some with finetune.trainable, "
-        "finetune.train_top_layers or finetune.lora.rank"
+        "finetune.train_top_layers or finetune.lora.rank (or set finetune.freeze.all=true for a run that only "
+        "measures the loss)"
     )
+    model = llama()
+    apply_freeze(model, ft(freeze={"all": True}))  # on purpose: allowed, nothing trains
+    assert not any(p.requires_grad for p in model.parameters())
 
 
 # -- LoRA ------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ class _Engine:
     def __init__(self, crash=False):
         self.crash = crash
 
-    def save_checkpoint(self, root, tag, client_state, save_latest):
+    def save_checkpoint(self, root, tag, client_state, save_latest, exclude_frozen_parameters=False):
         assert save_latest is False and "universal_checkpoint_info" in client_state
         d = Path(root) / tag
         d.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,147 @@
+"""The weights a stage starts from (``init_from``): resolved to a Hugging Face directory, hashed, checked.
+
+``init_from`` may name a local Hugging Face directory, a distrib run directory (its ``hf/`` export, or
+its latest checkpoint when it has none) or a distrib checkpoint. A checkpoint is exported once into
+``<output_dir>/base/``; afterwards that copy is the base, whatever happens to the source run, so a
+resume always re-attaches the same weights. Starting from a base is weights only: no optimizer state,
+no data position (that is resume's job).
+
+A fine-tune's checkpoints hold only what trains; they record the base's path and a content hash, and
+a resume whose base no longer has that hash is refused in one line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from filelock import FileLock
+
+from distrib.config import Config, ConfigError
+
+#: Files whose bytes define a base model (weights and architecture).
+_DEFINING = ("config.json", "*.safetensors", "*.bin")
+
+
+def _is_hf_dir(path: Path) -> bool:
+    return (path / "config.json").is_file() and (any(path.glob("*.safetensors")) or any(path.glob("*.bin")))
+
+
+def resolve_base(cfg: Config) -> Path | None:
+    """The Hugging Face directory ``cfg.init_from`` names (exporting a checkpoint once), or None.
+
+    Raises:
+        ConfigError: ``init_from`` does not exist or holds no model.
+    """
+    if not cfg.init_from:
+        return None
+    src = Path(cfg.init_from).expanduser()
+    copy = Path(cfg.output_dir) / "base"
+    if (copy / "config.json").is_file():  # exported for this run earlier: keep using it
+        return copy
+    if not src.exists():
+        raise ConfigError(f"init_from={cfg.init_from!r} does not exist; point it at a distrib run directory, "
+                          "a checkpoint or a Hugging Face model directory")
+    if _is_hf_dir(src):
+        return src
+    if _is_hf_dir(src / "hf"):
+        return src / "hf"
+    from distrib.checkpoint import resolve_checkpoint
+
+    try:
+        ckpt = resolve_checkpoint(src)
+    except ConfigError:
+        raise ConfigError(
+            f"init_from={cfg.init_from!r} is not a model: no config.json with weights, no hf/ export and no "
+            "checkpoint; point it at a distrib run directory, a checkpoint or a Hugging Face model directory"
+        ) from None
+    from distrib.export import export_checkpoint
+
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(copy) + ".lock"):  # the ranks of an srun/mpirun job all get here
+        if not (copy / "config.json").is_file():
+            export_checkpoint(ckpt, copy)
+    return copy
+
+
+def with_base(cfg: Config, base: Path | None) -> Config:
+    """``cfg`` with the model and (unless set) the tokenizer taken from ``base``.
+
+    Raises:
+        ConfigError: ``data.tokenizer`` disagrees with the base model's vocabulary, or the base has no
+            tokenizer and none is set.
+    """
+    if base is None:
+        return cfg
+    vocab = json.loads((base / "config.json").read_text()).get("vocab_size")
+    tokenizer = cfg.data.tokenizer
+    if tokenizer is None:
+        if not any((base / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+            raise ConfigError(f"init_from={cfg.init_from!r} has no tokenizer in {base}; set data.tokenizer to the "
+                              "tokenizer the model was trained with")
+        tokenizer = str(base)
+    else:
+        from transformers import AutoTokenizer
+
+        n = len(AutoTokenizer.from_pretrained(tokenizer))
+        if vocab is not None and n > vocab:
+            raise ConfigError(
+                f"data.tokenizer={tokenizer!r} has {n} tokens but the model of init_from={cfg.init_from!r} has a "
+                f"vocabulary of {vocab}; remove data.tokenizer to use the model's own tokenizer"
+            )
+    data = cfg.data.model_copy(update={"tokenizer": tokenizer})
+    model = cfg.model.model_copy(update={"pretrained": str(base)})
+    return cfg.model_copy(update={"data": data, "model": model})
+
+
+def base_hash(base: Path) -> str:
+    """sha256 over the files that define the model, cached beside them by size and mtime.
+
+    The cache (``.distrib-hash.json`` in the directory, when writable) spares re-reading a large
+    model's weights at every start; any change to a file's size or mtime recomputes it.
+    """
+    files = sorted({p for pattern in _DEFINING for p in base.glob(pattern) if p.is_file()})
+    stamps = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    cache = base / ".distrib-hash.json"
+    try:
+        saved = json.loads(cache.read_text())
+        if saved["stamps"] == stamps:
+            return saved["sha256"]
+    except (OSError, ValueError, KeyError):
+        pass
+    digest = hashlib.sha256()
+    for p in files:
+        digest.update(p.name.encode())
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                digest.update(chunk)
+    value = digest.hexdigest()
+    try:
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"stamps": stamps, "sha256": value}))
+        os.replace(tmp, cache)
+    except OSError:  # a read-only model directory: hash again next time
+        pass
+    return value
+
+
+def check_base(cfg: Config, checkpoint: Path) -> None:
+    """Refuse to resume ``checkpoint`` onto a base whose content changed since it was saved.
+
+    Raises:
+        ConfigError: the hashes differ.
+    """
+    from distrib.checkpoint import read_state
+
+    saved = read_state(checkpoint).base
+    if not saved:
+        return
+    base = Path(cfg.model.pretrained)
+    now = base_hash(base) if base.is_dir() else "missing"
+    if now != saved["sha256"]:
+        raise ConfigError(
+            f"the base model {base} has changed since {checkpoint.name} was saved (sha256 {now[:12]}, the checkpoint "
+            f"was trained on {saved['sha256'][:12]}); restore that base, or set checkpoint.resume=false to start over"
+        )
