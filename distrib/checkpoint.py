@@ -168,6 +168,8 @@ class Checkpointer:
         self.root, self.topo, self.cfg, self.tokenizer = root, topo, cfg, tokenizer
         #: Leave frozen parameters out (they come from the base at every start): a LoRA checkpoint is small.
         self.exclude_frozen = False
+        #: False when nothing trains (a frozen control run): there is no engine state to save or load.
+        self.engine_state = True
 
     @staticmethod
     def clean_partial_in(root: Path) -> None:
@@ -196,8 +198,9 @@ class Checkpointer:
             # ds_to_universal needs this key; AutoTP writes a richer one of its own (its TP merge patterns).
             client = ({} if getattr(engine.module, UNIVERSAL_KEY, None)
                       else {UNIVERSAL_KEY: {"universal_checkpoint_version": 0.4}})
-            engine.save_checkpoint(str(self.root), tag=tmp.name, client_state=client, save_latest=False,
-                                   exclude_frozen_parameters=self.exclude_frozen)
+            if self.engine_state:
+                engine.save_checkpoint(str(self.root), tag=tmp.name, client_state=client, save_latest=False,
+                                       exclude_frozen_parameters=self.exclude_frozen)
             (tmp / "rng").mkdir(parents=True, exist_ok=True)
             torch.save(_rng_state(), tmp / "rng" / f"rank_{self.topo.rank:05d}.pt")
             faults.at("save", self.topo.rank, state.step)
@@ -251,8 +254,8 @@ class Checkpointer:
     def load(self, engine, path: Path, universal: bool) -> TrainState:
         """Restore engine state (from ``path/universal`` when ``universal``), then RNG and trainer state."""
         load_dir, tag = (path, "universal") if universal else (self.root, path.name)
-        loaded, _ = engine.load_checkpoint(str(load_dir), tag=tag, load_module_strict=not self.exclude_frozen,
-                                           load_optimizer_states=engine.optimizer is not None,
+        loaded, _ = (str(path), None) if not self.engine_state else engine.load_checkpoint(str(load_dir), tag=tag, load_module_strict=not self.exclude_frozen,
+                                           load_optimizer_states=engine.lr_scheduler is not None,
                                            load_lr_scheduler_states=engine.lr_scheduler is not None)
         if loaded is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint at {path}")

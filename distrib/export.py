@@ -34,6 +34,8 @@ def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
                  for d in sorted(zero.iterdir()) if (d / "fp32.pt").is_file()}
         cfg = Config.model_validate(yaml.safe_load((ckpt / "config.yaml").read_text()))
         return to_hf_layout(state, cfg)
+    if not any(ckpt.glob("*model_states.pt")):  # a run in which nothing trained saved no engine state
+        return {}
     if any(ckpt.glob("*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

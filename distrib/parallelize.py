@@ -100,9 +100,13 @@ def build_engine(model: torch.nn.Module, cfg: Config, topo: Topology, ds_config:
 
     groups = param_groups(model, cfg.train.weight_decay, decay_embeddings=cfg.train.decay_embeddings)
     if not groups:
+        # ZeRO-1/2 partition optimizer state only: without an optimizer they are ZeRO-0 (replicated
+        # weights, as under ZeRO-1/2); ZeRO-3 keeps partitioning the weights.
         ds_config = {k: v for k, v in ds_config.items() if k not in ("optimizer", "gradient_clipping")}
-        ds_config["zero_optimization"] = {k: v for k, v in ds_config["zero_optimization"].items()
-                                          if not k.startswith("offload_optimizer")}
+        zero = {k: v for k, v in ds_config["zero_optimization"].items() if not k.startswith("offload_optimizer")}
+        if zero["stage"] in (1, 2):
+            zero = {"stage": 0}
+        ds_config["zero_optimization"] = zero
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model,
         model_parameters=groups or None,

@@ -109,7 +109,7 @@ class Trainer:
         if topo.tp > 1:
             ds_config = apply_plan(model, cfg, ds_config)
         self.engine = build_engine(model, cfg, topo, ds_config)
-        self.trains = self.engine.optimizer is not None
+        self.trains = self.trainable["trainable"] > 0  # else an engine without optimizer (see build_engine)
         # DeepSpeed reports no gradient norm for a plain fp32 optimizer (ZeRO-0): measure it ourselves.
         self.own_grad_norm = cfg.parallel.zero_stage == 0 and cfg.precision == "fp32"
         self.skip_nonfinite = cfg.train.nonfinite == "skip"
@@ -120,6 +120,7 @@ class Trainer:
                                 base={"path": str(base), "sha256": base_hash(base)} if base else None)
         # What is frozen comes from the base again at every start; checkpoints hold what trains.
         self.ckpt.exclude_frozen = self.trainable["trainable"] < self.trainable["total"]
+        self.ckpt.engine_state = self.trains
         if resume_from is not None:
             prev = self.ckpt.load(self.engine, resume_from, universal)
             self.state.step, self.state.samples_seen, self.state.tokens_seen = prev.step, prev.samples_seen, prev.tokens_seen
@@ -177,7 +178,7 @@ class Trainer:
         finally:
             unset_hf_deepspeed_config()
 
-    def _write_layout(self) -> None:
+    def _write_layout(self, after_step: bool = False) -> None:
         """``<output_dir>/layout.json``: what every rank holds (parameters by name, trainable elements and, once
         the optimizer has stepped, its state bytes, measured from the engine)."""
         import torch.distributed as dist
@@ -198,7 +199,7 @@ class Trainer:
                       "zero_stage": self.cfg.parallel.zero_stage, "total_params": self.n_params,
                       "trainable_params": self.trainable["trainable"], "ranks": ranks}
             (self.out / "layout.json").write_text(json.dumps(layout, indent=1))
-            if opt_bytes:
+            if after_step:
                 log_main(f"optimizer state per rank: {opt_bytes / 2**20:.2f} MiB (measured after the first step)")
             else:
                 log_main(f"parameters per rank: {mine['param_numel'] / 1e6:.2f}M elements, "
@@ -368,7 +369,7 @@ class Trainer:
             record = self.train_step()
             steps_this_run += 1
             if steps_this_run == 1:
-                self._write_layout()  # now with the optimizer state Adam allocated in its first step
+                self._write_layout(after_step=True)  # with the state Adam allocated in its first step
             last = state.step == cfg.train.max_steps
             if state.step % cfg.eval.every_steps == 0 or last:
                 record.update(self.evaluate())

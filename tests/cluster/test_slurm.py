@@ -1,4 +1,4 @@
-"""slurm/pretrain.sbatch on a real one-machine Slurm cluster (scripts/local-slurm.sh).
+"""slurm/train.sbatch on a real one-machine Slurm cluster (scripts/local-slurm.sh).
 
 Needs root: the fixture installs slurm-wlm and munge with apt-get if they are missing, writes
 /etc/slurm/slurm.conf and starts munged, slurmctld and slurmd; it stops the daemons it started at
@@ -25,7 +25,7 @@ from tests.helpers import ROOT, SMALL, TINY, metrics
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(1800)]
 
 LOCAL_SLURM = ROOT / "scripts" / "local-slurm.sh"
-SBATCH = ROOT / "slurm" / "pretrain.sbatch"
+SBATCH = ROOT / "slurm" / "train.sbatch"
 SLURM_DIR = Path(os.environ.get("SLURM_LOCAL_DIR", "/tmp/distrib-slurm"))
 
 #: local-slurm.sh exit codes meaning "this machine cannot host the cluster" (see the script).

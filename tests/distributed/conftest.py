@@ -15,3 +15,11 @@ def reference(tmp_path_factory, data_cache):
     out = tmp_path_factory.mktemp("reference")
     run_distrib(*small(out, data_cache, "parallel.zero_stage=0"))
     return out
+
+
+@pytest.fixture(scope="session")
+def base(tmp_path_factory, data_cache):
+    """The tiny pretrained model every fine-tuning test starts from: SMALL, 30 steps on the code corpus."""
+    out = tmp_path_factory.mktemp("base")
+    run_distrib(*small(out, data_cache, "train.max_steps=30", "parallel.zero_stage=2"), nproc=2)
+    return out
