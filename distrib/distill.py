@@ -1,0 +1,445 @@
+"""Knowledge distillation: the loss of a student against a frozen teacher, and students cut from the teacher.
+
+Pure functions on plain ``torch`` tensors and Hugging Face causal LMs (Llama family, GPT-2), with no
+distributed code; the distillation stage calls them on the one training loop::
+
+    student = student_from_teacher_layers(teacher, cfg.student.init_from_teacher_layers)  # optional
+    layer_map = resolve_layer_map(cfg.distill, n_student_layers, n_teacher_layers)       # None: no hidden loss
+    projections = make_projections(student_width, teacher_width, layer_map, cfg.distill, seed=cfg.seed)
+    ...
+    with torch.no_grad():
+        t_out = teacher(input_ids=ids, output_hidden_states=layer_map is not None)
+    s_out = student(input_ids=ids, output_hidden_states=layer_map is not None)
+    out = distill_loss(s_out, t_out, labels, cfg.distill.loss, projections, layer_map)   # a LossOut
+
+Rules, in one place:
+
+* **Target tokens** are those of :func:`distrib.trainer.causal_lm_loss`: logits at position ``t`` predict
+  token ``t + 1``, and position ``t`` counts when ``labels[:, t + 1] != -100``. Every component is a *sum*
+  over those positions (the loop divides by the global number of target tokens), computed in fp32 from
+  only the target rows (the logits of other positions never enter the loss, whatever they hold).
+* **Components** (``distill.loss``), each summed over target positions and returned unweighted in
+  ``LossOut.parts`` when its weight is > 0 (logged as ``loss/kl`` etc.); ``total`` is their weighted sum:
+
+  - ``kl``: forward KL(teacher || student) = ``T^2 * sum_v p_t (log p_t - log p_s)`` with
+    ``p = softmax(logits / T)`` (Hinton et al.; the ``T^2`` keeps gradient magnitudes independent of ``T``).
+  - ``reverse_kl``: KL(student || teacher) = ``T^2 * sum_v p_s (log p_s - log p_t)`` (mode-seeking).
+  - ``ce``: next-token cross-entropy of the student against the labels, at temperature 1.
+  - ``hidden``: for each ``[student_layer, teacher_layer]`` pair of the layer map, the mean over the
+    hidden dimension of ``(proj(h_s) - h_t)^2``, averaged over the pairs, at the target positions.
+
+  The teacher's tensors are detached: no gradient reaches the teacher whatever its ``requires_grad``.
+* **Layer indices** are Hugging Face ``hidden_states`` indices: 0 is the embeddings output and ``i`` the
+  output of block ``i`` (1-based), so a model with ``L`` layers has hidden states ``0..L``. HF applies
+  the final norm to the last one (``hidden_states[L]`` is normed in Llama and GPT-2), so mapping the
+  student's last layer to the teacher's last compares normed states on both sides.
+* **Default layer map** (``distill.layer_map`` unset, ``distill.loss.hidden > 0``): student layer
+  ``i = 1..S`` -> teacher layer ``round(i * T / S)`` rounding halves up (S=2, T=4: ``[[1, 2], [2, 4]]``;
+  S=3, T=4: ``[[1, 1], [2, 3], [3, 4]]``). The embeddings output (0) is not matched by default.
+* **Projections** (``distill.projection``): one bias-free ``nn.Linear(student_width, teacher_width)`` per
+  pair, trained with the student, when the widths differ (``null``, automatic) or always (``true``);
+  ``false`` compares the states directly and needs equal widths. Bias-free: a linear map of the student's
+  state, so that equal widths start from the identity (the plain MSE) and a constant offset is not
+  learned away. Initialised from a generator seeded by ``seed`` and the pair, identically on every rank.
+* **Students cut from the teacher** (``student.init_from_teacher_layers``, DistilBERT-style layer
+  dropping): the same class and config with fewer layers, whose embeddings, chosen blocks, final norm and
+  head are deep copies of the teacher's; see :func:`student_from_teacher_layers`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import zlib
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+from torch import nn
+
+from distrib.config import ConfigError, Float, Int, _Section
+from distrib.trainer import IGNORE_INDEX, LossOut
+
+# -- config ----------------------------------------------------------------------------------
+
+#: The loss components, in the order they are summed, with the words a message uses for each.
+COMPONENTS: dict[str, str] = {
+    "kl": "forward KL term",
+    "reverse_kl": "reverse KL term",
+    "ce": "cross-entropy term",
+    "hidden": "hidden-state term",
+}
+
+
+def _num(value: float) -> str:
+    """A weight as the user wrote it: ``-1``, ``0.5``, ``1e-30``."""
+    return f"{value:g}"
+
+
+class DistillLossConfig(_Section):
+    """Weights of the distillation loss components and the softmax temperature (see this module's docstring)."""
+
+    #: Forward KL(teacher || student) over the vocabulary, scaled by temperature^2.
+    kl: Float = 1.0
+    #: Reverse KL(student || teacher), scaled by temperature^2.
+    reverse_kl: Float = 0.0
+    #: Next-token cross-entropy of the student on the data (temperature 1).
+    ce: Float = 0.0
+    #: MSE between mapped hidden states (``distill.layer_map``).
+    hidden: Float = 0.0
+    #: Softmax temperature of both KL terms; above 1 softens both distributions.
+    temperature: Float = 1.0
+
+    @model_validator(mode="after")
+    def _check(self) -> "DistillLossConfig":
+        for key, what in COMPONENTS.items():
+            value = getattr(self, key)
+            if value < 0:
+                raise ConfigError(
+                    f"distill.loss.{key}={_num(value)} must be >= 0; set it to 0 to leave the {what} out, "
+                    "or to a positive weight"
+                )
+        if all(getattr(self, key) == 0 for key in COMPONENTS):
+            raise ConfigError(
+                "distill.loss: every weight is 0, so nothing would be learned; "
+                "set distill.loss.kl=1 (or ce, reverse_kl, hidden)"
+            )
+        if self.temperature <= 0:
+            raise ConfigError(
+                f"distill.loss.temperature={_num(self.temperature)} must be > 0; set distill.loss.temperature=1 "
+                "(or above 1 to soften both distributions)"
+            )
+        return self
+
+    def weights(self) -> dict[str, float]:
+        """The components with weight > 0 -> their weights, in :data:`COMPONENTS` order."""
+        return {key: getattr(self, key) for key in COMPONENTS if getattr(self, key) > 0}
+
+
+def _pair_problem(pair: Any) -> str | None:
+    """Why ``pair`` is not a ``[student_layer, teacher_layer]`` pair of non-negative ints, or None."""
+    if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not all(
+            isinstance(x, int) and not isinstance(x, bool) for x in pair):
+        return "is not a pair of layer indices; write [student_layer, teacher_layer] pairs such as [[2, 4], [4, 8]]"
+    if min(pair) < 0:
+        return "holds a negative layer; hidden-state indices start at 0 (the embeddings output)"
+    return None
+
+
+def _show_pair(pair: Any) -> str:
+    return f"[{', '.join(str(x) for x in pair)}]" if isinstance(pair, (list, tuple)) else repr(pair)
+
+
+def _check_pairs(layer_map: Sequence) -> None:
+    """Checks of ``distill.layer_map`` that need no model: non-empty, pairs of ints >= 0, no pair twice."""
+    if len(layer_map) == 0:
+        raise ConfigError(
+            "distill.layer_map is empty; list [student_layer, teacher_layer] pairs, or remove it for the default "
+            "evenly spaced map"
+        )
+    seen: set[tuple[int, int]] = set()
+    for pair in layer_map:
+        problem = _pair_problem(pair)
+        if problem:
+            raise ConfigError(f"distill.layer_map: {_show_pair(pair)} {problem}")
+        if tuple(pair) in seen:
+            raise ConfigError(f"distill.layer_map: {_show_pair(pair)} is listed twice; list each pair once")
+        seen.add(tuple(pair))
+
+
+class DistillConfig(_Section):
+    """What the student learns from the teacher: loss weights, which hidden states meet, projections."""
+
+    loss: DistillLossConfig = Field(default_factory=DistillLossConfig)
+    #: ``[student_layer, teacher_layer]`` pairs of HF hidden-state indices (0 = embeddings output) for the
+    #: hidden-state loss; unset: student layer i -> teacher layer round(i * T / S) (see the module docstring).
+    layer_map: list[list[Int]] | None = None
+    #: Learned linear projection student width -> teacher width for the hidden-state loss:
+    #: null = when the widths differ, true = always, false = never (the widths must be equal).
+    projection: bool | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "DistillConfig":
+        if self.layer_map is not None:
+            _check_pairs(self.layer_map)
+        if self.loss.hidden == 0:
+            for key in ("layer_map", "projection"):
+                if getattr(self, key) is not None:
+                    raise ConfigError(
+                        f"distill.{key} is set but distill.loss.hidden is 0, so no hidden states are compared; "
+                        f"set distill.loss.hidden (e.g. 1), or remove distill.{key}"
+                    )
+        return self
+
+
+def _check_teacher_layers(layers: Sequence, n_teacher: int | None = None) -> None:
+    """Checks of ``student.init_from_teacher_layers``; with ``n_teacher``, also that every index exists."""
+    key = "student.init_from_teacher_layers"
+    teacher = f"the teacher's {n_teacher} layers (0..{n_teacher - 1})" if n_teacher is not None else "the teacher's layers"
+    if len(layers) == 0:
+        raise ConfigError(
+            f"{key} is empty; list which of {teacher} to copy, e.g. [0, 2], or remove it to initialise the "
+            "student randomly"
+        )
+    for i in layers:
+        if not isinstance(i, int) or isinstance(i, bool):
+            raise ConfigError(f"{key}: {i!r} is not a layer index; list whole numbers such as [0, 2]")
+        if i < 0:
+            upto = f" to {n_teacher - 1}" if n_teacher is not None else ""
+            raise ConfigError(f"{key}: {i} is negative; use teacher layer indices from 0{upto}")
+        if n_teacher is not None and i >= n_teacher:
+            raise ConfigError(
+                f"{key}: {i} names no layer of the teacher, which has {n_teacher} layers; use indices 0..{n_teacher - 1}"
+            )
+    seen: set[int] = set()
+    for i in layers:
+        if i in seen:
+            raise ConfigError(f"{key}: layer {i} is listed twice; list each of {teacher} at most once")
+        seen.add(i)
+    for a, b in zip(layers, layers[1:]):
+        if b < a:
+            raise ConfigError(
+                f"{key}=[{', '.join(map(str, layers))}] is not increasing ({b} after {a}); list the teacher layers "
+                f"bottom to top, e.g. [{', '.join(map(str, sorted(layers)))}]"
+            )
+
+
+class StudentConfig(_Section):
+    """How the student starts. Its size comes from the model section; these keys only say where weights come from."""
+
+    #: Teacher block indices (0-based, increasing) whose weights initialise the student's blocks, in order;
+    #: embeddings, final norm and head are copied too. The student then has len(...) layers.
+    init_from_teacher_layers: list[Int] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "StudentConfig":
+        if self.init_from_teacher_layers is not None:
+            _check_teacher_layers(self.init_from_teacher_layers)
+        return self
+
+
+# -- layer map and projections ---------------------------------------------------------------
+
+
+def default_layer_map(n_student_layers: int, n_teacher_layers: int) -> list[list[int]]:
+    """Student layer ``i = 1..S`` -> teacher layer ``round(i * T / S)``, halves rounded up (HF hidden-state indices)."""
+    s, t = n_student_layers, n_teacher_layers
+    return [[i, (2 * i * t + s) // (2 * s)] for i in range(1, s + 1)]
+
+
+def check_layer_map(layer_map: Sequence, n_student_layers: int, n_teacher_layers: int) -> None:
+    """Refuse a layer map naming a hidden state a model does not have (each model has states ``0..layers``).
+
+    Raises:
+        ConfigError: one line naming the first bad pair, e.g. ``distill.layer_map: [5, 2] names student
+            layer 5, but the student has 4 layers (hidden states 0..4); ...``.
+    """
+    _check_pairs(layer_map)
+    for pair in layer_map:
+        for side, index, n in (("student", pair[0], n_student_layers), ("teacher", pair[1], n_teacher_layers)):
+            if index > n:
+                raise ConfigError(
+                    f"distill.layer_map: {_show_pair(pair)} names {side} layer {index}, but the {side} has {n} "
+                    f"layers (hidden states 0..{n}); use {side} layers 0..{n} (0 is the embeddings output)"
+                )
+
+
+def resolve_layer_map(cfg: DistillConfig, n_student_layers: int, n_teacher_layers: int) -> list[list[int]] | None:
+    """The checked layer map of ``cfg`` (its default when unset); None when the hidden-state loss is off."""
+    if cfg.loss.hidden == 0:
+        return None
+    layer_map = cfg.layer_map if cfg.layer_map is not None else default_layer_map(n_student_layers, n_teacher_layers)
+    check_layer_map(layer_map, n_student_layers, n_teacher_layers)
+    return [list(pair) for pair in layer_map]
+
+
+def projection_key(student_layer: int, teacher_layer: int) -> str:
+    """The :class:`nn.ModuleDict` key of a pair's projection (parameter names ``s2_t4.weight``)."""
+    return f"s{student_layer}_t{teacher_layer}"
+
+
+def make_projections(student_hidden: int, teacher_hidden: int, layer_map: Sequence | None, cfg: DistillConfig,
+                     seed: int = 0) -> nn.ModuleDict | None:
+    """One bias-free ``nn.Linear(student_hidden, teacher_hidden)`` per pair of ``layer_map``, or None if none is needed.
+
+    None when the hidden-state loss is off (``layer_map`` None or ``distill.loss.hidden`` 0) or the widths
+    are equal and ``distill.projection`` is not true. Weights are fp32: the identity when the widths are
+    equal, else ``U(-1/sqrt(student_hidden), 1/sqrt(student_hidden))`` (``nn.Linear``'s default range) drawn
+    from a generator seeded by ``seed`` and the pair's key, so every rank and world size builds the same
+    projections without touching torch's global generator.
+
+    Raises:
+        ConfigError: ``distill.projection=false`` with different widths.
+    """
+    if layer_map is None or cfg.loss.hidden == 0:
+        return None
+    differ = student_hidden != teacher_hidden
+    if cfg.projection is False and differ:
+        raise ConfigError(
+            f"distill.projection=false, but the student's hidden size {student_hidden} differs from the teacher's "
+            f"{teacher_hidden}, so their hidden states cannot be compared; set distill.projection=true or remove it"
+        )
+    if not (cfg.projection or differ):
+        return None
+    projections = nn.ModuleDict()
+    bound = 1.0 / math.sqrt(student_hidden)
+    for s, t in layer_map:
+        key = projection_key(s, t)
+        # skip_init: no draw from torch's global generator (nn.Linear's own init would make one)
+        linear = nn.utils.skip_init(nn.Linear, student_hidden, teacher_hidden, bias=False, dtype=torch.float32)
+        with torch.no_grad():
+            if differ:
+                gen = torch.Generator().manual_seed((int(seed) * 1_000_003 + zlib.crc32(key.encode())) % 2**63)
+                linear.weight.copy_(torch.rand(teacher_hidden, student_hidden, generator=gen) * (2 * bound) - bound)
+            else:
+                linear.weight.copy_(torch.eye(teacher_hidden))
+        projections[key] = linear
+    return projections
+
+
+# -- loss ------------------------------------------------------------------------------------
+
+
+def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """``sum p (log p - log q)`` over every element; entries where p is 0 contribute 0 (as ``0 log 0 = 0``)."""
+    p = log_p.exp()
+    return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum()
+
+
+def distill_loss(student_out: Any, teacher_out: Any, labels: torch.Tensor, cfg: DistillLossConfig,
+                 projections: nn.ModuleDict | None = None, layer_map: Sequence | None = None) -> LossOut:
+    """The distillation loss of one micro-batch as sums over its target tokens.
+
+    Args:
+        student_out, teacher_out: HF causal-LM outputs (``.logits`` ``[batch, seq, vocab]``; ``.hidden_states``
+            when ``cfg.hidden > 0``, i.e. called with ``output_hidden_states=True``). The teacher's are
+            detached here.
+        labels: ``[batch, seq]``, ``-100`` where no token is predicted (the batch's ``labels``).
+        cfg: the ``distill.loss`` section.
+        projections: from :func:`make_projections`; a pair without one compares states directly.
+        layer_map: ``[student_layer, teacher_layer]`` pairs for the hidden-state loss; None means
+            :func:`default_layer_map` of the models' layer counts.
+
+    Returns:
+        ``LossOut(total = sum of weight x component, tokens = number of target tokens,
+        parts = {component: unweighted sum} for the components with weight > 0)``, all fp32.
+    """
+    weights = cfg.weights()
+    mask = labels[:, 1:] != IGNORE_INDEX
+    tokens = mask.sum()
+    s_logits = student_out.logits[:, :-1]
+    t_logits = teacher_out.logits[:, :-1].detach()
+    if s_logits.shape[:2] != mask.shape:
+        raise ValueError(f"the student's logits {tuple(student_out.logits.shape)} do not match the labels "
+                         f"{tuple(labels.shape)}")
+    parts: dict[str, torch.Tensor] = {}
+    if "kl" in weights or "reverse_kl" in weights:
+        if t_logits.shape != s_logits.shape:
+            raise ValueError(
+                f"the teacher's logits {tuple(teacher_out.logits.shape)} and the student's "
+                f"{tuple(student_out.logits.shape)} differ; distilling logits needs the same batch and vocabulary"
+            )
+        temp = cfg.temperature
+        log_s = F.log_softmax(s_logits[mask].float() / temp, dim=-1)
+        log_t = F.log_softmax(t_logits[mask].float() / temp, dim=-1)
+        if "kl" in weights:
+            parts["kl"] = temp * temp * _kl(log_t, log_s)
+        if "reverse_kl" in weights:
+            parts["reverse_kl"] = temp * temp * _kl(log_s, log_t)
+    if "ce" in weights:
+        parts["ce"] = F.cross_entropy(s_logits[mask].float(), labels[:, 1:][mask], reduction="sum")
+    if "hidden" in weights:
+        parts["hidden"] = _hidden_loss(student_out, teacher_out, mask, projections, layer_map)
+    parts = {key: parts[key] for key in COMPONENTS if key in parts}
+    total = sum((weights[key] * value for key, value in parts.items()), torch.zeros((), device=mask.device))
+    return LossOut(total=total, tokens=tokens, parts=parts)
+
+
+def _hidden_loss(student_out: Any, teacher_out: Any, mask: torch.Tensor, projections: nn.ModuleDict | None,
+                 layer_map: Sequence | None) -> torch.Tensor:
+    s_states, t_states = student_out.hidden_states, teacher_out.hidden_states
+    if s_states is None or t_states is None:
+        raise ValueError("distill.loss.hidden > 0 needs hidden states: call the student and the teacher with "
+                         "output_hidden_states=True")
+    if layer_map is None:
+        layer_map = default_layer_map(len(s_states) - 1, len(t_states) - 1)
+    check_layer_map(layer_map, len(s_states) - 1, len(t_states) - 1)
+    total = torch.zeros((), device=mask.device)
+    for s, t in layer_map:
+        h_s = s_states[s][:, :-1][mask].float()
+        h_t = t_states[t][:, :-1].detach()[mask].float()
+        key = projection_key(s, t)
+        if projections is not None and key in projections:
+            h_s = F.linear(h_s, projections[key].weight.float())
+        if h_s.shape[-1] != h_t.shape[-1]:
+            raise ValueError(
+                f"hidden-state loss: student layer {s} is {h_s.shape[-1]} wide and teacher layer {t} is "
+                f"{h_t.shape[-1]} wide, and there is no projection {key!r}; build them with make_projections"
+            )
+        total = total + ((h_s - h_t) ** 2).mean(dim=-1).sum()
+    return total / len(layer_map)
+
+
+# -- students cut from the teacher -----------------------------------------------------------
+
+
+def _blocks(model: nn.Module) -> tuple[str, int]:
+    from distrib.adapters import _find_blocks  # one rule for finding the transformer blocks
+
+    return _find_blocks(model)
+
+
+def student_from_teacher_layers(teacher: nn.Module, layers: Sequence[int]) -> nn.Module:
+    """A student of ``teacher``'s class and config with ``len(layers)`` layers, cut from the teacher.
+
+    Its blocks are deep copies of the teacher's blocks ``layers`` (0-based, increasing), in that order;
+    everything else (embeddings, final norm, head, rotary tables, generation config) is a deep copy of the
+    teacher's, so tied embeddings stay tied. ``config.num_hidden_layers`` (GPT-2: ``n_layer``) becomes
+    ``len(layers)`` (and ``config.layer_types``, where a model has it, keeps the chosen layers' entries);
+    every ``layer_idx`` inside the copied blocks (Llama ``self_attn.layer_idx``, GPT-2 ``attn.layer_idx``)
+    is renumbered ``0..len(layers)-1`` for the KV cache. Every parameter of the student is trainable
+    (``requires_grad=True``) whatever the teacher's; dtype, device and train/eval mode are the teacher's.
+    The teacher is not modified.
+
+    Raises:
+        ConfigError: ``layers`` is empty, names a layer the teacher does not have, lists one twice, is not
+            increasing, or moves GPT-2 blocks whose attention is scaled by their index.
+        RuntimeError: the teacher's parameters are partitioned by ZeRO-3 (gather them first).
+    """
+    for name, p in teacher.named_parameters():
+        if hasattr(p, "ds_id") and p.numel() == 0:
+            raise RuntimeError(
+                f"{name} is partitioned by ZeRO-3; build the student from a teacher with whole parameters "
+                "(before deepspeed.initialize, or under deepspeed.zero.GatheredParameters)"
+            )
+    blocks_name, n_teacher = _blocks(teacher)
+    layers = list(layers)
+    _check_teacher_layers(layers, n_teacher)
+    config = teacher.config
+    if getattr(config, "scale_attn_by_inverse_layer_idx", False) and layers != list(range(len(layers))):
+        raise ConfigError(
+            f"student.init_from_teacher_layers=[{', '.join(map(str, layers))}] moves blocks whose attention is "
+            "scaled by 1/(layer index + 1) (the teacher's scale_attn_by_inverse_layer_idx), so the saved student "
+            f"would not reload as trained; copy the teacher's first layers, e.g. {list(range(len(layers)))}"
+        )
+
+    blocks = teacher.get_submodule(blocks_name)
+    memo: dict[int, Any] = {id(blocks): nn.ModuleList()}  # the teacher's other blocks are never copied
+    student = copy.deepcopy(teacher, memo)
+    chosen = nn.ModuleList([copy.deepcopy(blocks[i], memo) for i in layers])  # same memo: shared tensors stay shared
+    parent, _, attr = blocks_name.rpartition(".")
+    setattr(student.get_submodule(parent), attr, chosen)
+
+    cfg = student.config  # a copy of the teacher's, shared by every submodule of the student
+    layer_types = getattr(cfg, "layer_types", None)
+    if isinstance(layer_types, (list, tuple)) and len(layer_types) == n_teacher:
+        cfg.layer_types = [layer_types[i] for i in layers]
+    cfg.num_hidden_layers = len(layers)
+    for k, block in enumerate(chosen):
+        for module in block.modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = k
+    for p in student.parameters():
+        p.requires_grad_(True)
+    return student
