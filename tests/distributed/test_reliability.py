@@ -62,9 +62,10 @@ def test_resume_after_a_stop_is_bitwise_exact_for_60_steps_after_it(tmp_path, da
     assert _latest(split) == "step_00000020"
     run_distrib(*_long(split, data_cache, f"parallel.zero_stage={stage}"), nproc=2)
     _assert_same_run(split, ref)
-    # metrics.jsonl holds each step once, not the steps before the resume twice
-    steps = [r["step"] for r in metrics(split) if "loss" in r]
-    assert steps == list(range(1, LONG + 1))
+    # metrics.jsonl holds each step once, not the steps before the resume twice; every step has its grad norm
+    rows = [r for r in metrics(split) if "loss" in r]
+    assert [r["step"] for r in rows] == list(range(1, LONG + 1))
+    assert all(r["grad_norm"] is not None and r["grad_norm"] > 0 for r in rows)
 
 
 def test_worker_killed_mid_step_restarts_and_ends_with_the_same_weights(tmp_path, data_cache, whole):
@@ -176,6 +177,12 @@ def test_finished_run_says_so_and_a_raised_max_steps_extends_it(tmp_path, data_c
     shorter = run_distrib(*small(out, data_cache, "parallel.zero_stage=2", "train.max_steps=7"), nproc=2, check=False)
     assert shorter.returncode == 2
     assert "a run can be extended, not shortened" in _error_line(shorter)
+    # `distrib export` takes the run directory or checkpoints/latest as well as a step directory
+    for source, name in ((out, "from-run"), (out / "checkpoints" / "latest", "from-latest")):
+        proc = subprocess.run([sys.executable, "-m", "distrib", "export", str(source), str(tmp_path / name)],
+                              capture_output=True, text=True, cwd=ROOT, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert (tmp_path / name / "model.safetensors").read_bytes() == _weights(out)
 
 
 def test_evaluation_with_fewer_validation_blocks_than_a_batch_scores_them_all(tmp_path, data_cache):
