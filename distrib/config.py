@@ -615,8 +615,14 @@ class Config(_Section):
         if self.finetune.lora.enabled and self.parallel.tp > 1:
             raise ConfigError(
                 f"finetune.lora with parallel.tp={self.parallel.tp} is not supported: DeepSpeed AutoTP does not split "
-                "peft's LoRA layers; use parallel.tp=1 (LoRA's trainable state is small), or fine-tune without LoRA "
-                "(finetune.freeze, finetune.train_top_layers and finetune.trainable work with tensor parallelism)"
+                "peft's LoRA layers; use parallel.tp=1 (LoRA's trainable state is small; ZeRO-3 partitions a large "
+                "frozen base)"
+            )
+        if self.parallel.tp > 1 and self.finetune != FinetuneConfig():
+            raise ConfigError(
+                f"frozen parameters (finetune.*) with parallel.tp={self.parallel.tp} are not supported: DeepSpeed's "
+                "converter that merges tensor-parallel checkpoints handles trained parameters only, so the run could "
+                "not be exported; use parallel.tp=1 (ZeRO-3 partitions a large frozen base instead)"
             )
         if self.parallel.offload_params and self.precision == "fp16":
             raise ConfigError("parallel.offload_params with precision=fp16 is not supported here; use precision=bf16")

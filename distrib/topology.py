@@ -42,6 +42,7 @@ class Topology:
     timeout_s: float = 1800.0
     _position: tuple = field(default=(0, 0, 0), repr=False)
     _beat: object = field(default=None, repr=False)
+    _stopping: threading.Event = field(default_factory=threading.Event, repr=False)
 
     @property
     def dp(self) -> int:
@@ -140,7 +141,7 @@ class Topology:
 
     def _publish(self) -> None:
         store, sent = _store(), None
-        while store is not None:
+        while store is not None and not self._stopping.wait(1.0):
             pos = self._position
             if pos != sent:
                 try:
@@ -148,7 +149,6 @@ class Topology:
                     sent = pos
                 except Exception:  # the store's host is gone: nothing left to report to
                     return
-            time.sleep(1.0)
 
     def who_is_late(self) -> str:
         """One line naming the ranks that were behind this one when a collective timed out here."""
@@ -200,6 +200,11 @@ class Topology:
     get_tensor_model_parallel_world_size = get_model_parallel_world_size
 
     def shutdown(self) -> None:
+        # The heartbeat thread talks to the store: it must be gone before the process group (and the
+        # store with it) is torn down, or its C++ client dies mid-call and aborts the process.
+        self._stopping.set()
+        if self._beat is not None:
+            self._beat.join(timeout=30)
         if dist.is_initialized():
             dist.destroy_process_group()
 

@@ -167,3 +167,12 @@ def test_resume_onto_a_changed_base_is_refused_in_one_line(tmp_path, data_cache,
     err = [line for line in proc.stderr.splitlines() if line.startswith("distrib: error:")]
     assert len(err) == 1 and err[0].startswith(f"distrib: error: the base model {mine} has changed since step_00000004")
     assert sorted(p.name for p in out.rglob("*")) == before
+
+
+def test_lora_with_cpu_offload_matches_the_reference(tmp_path, data_cache, base, references):
+    out = tmp_path / "run"
+    run_distrib(*_ft(out, data_cache, base, "parallel.zero_stage=2", "parallel.offload_optimizer=true",
+                     *MODES["lora"]), nproc=2, stage="finetune")
+    ref, got = losses(references["lora"]), losses(out)
+    np.testing.assert_allclose([got[s] for s in sorted(got)], [ref[s] for s in sorted(ref)], rtol=RTOL)
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()

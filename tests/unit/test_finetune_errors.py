@@ -82,6 +82,13 @@ def test_lora_with_tensor_parallelism_names_the_limitation(tmp_path, capsys, hf_
         "finetune.lora with parallel.tp=2 is not supported: DeepSpeed AutoTP does not split peft's LoRA layers")
 
 
+def test_frozen_layers_with_tensor_parallelism_names_the_limitation(tmp_path, capsys, hf_base):
+    assert refused(tmp_path, capsys, f"init_from={hf_base}", "finetune.train_top_layers=1", "parallel.tp=2") == (
+        "frozen parameters (finetune.*) with parallel.tp=2 are not supported: DeepSpeed's converter that merges "
+        "tensor-parallel checkpoints handles trained parameters only, so the run could not be exported; use "
+        "parallel.tp=1 (ZeRO-3 partitions a large frozen base instead)")
+
+
 def test_a_tokenizer_that_disagrees_with_the_models_vocabulary(tmp_path, capsys, hf_base):
     from distrib.config import DataConfig
     from distrib.data import load_or_train_tokenizer
