@@ -56,7 +56,13 @@ def config(tmp_path: Path, train: list[Path], *overrides: str):
 
 
 def refused(tmp_path: Path, train: list[Path], *overrides: str) -> str:
-    """The one-line message ``prepare_data`` refuses this data with; asserts that nothing was written."""
+    """The one-line message this data is refused with, as a user meets it.
+
+    Asserts it twice: ``prepare_data`` raises it, and ``distrib pretrain ... --nproc-per-node 2`` prints it as
+    its one line on stderr and exits 2 before any worker starts; and that nothing was written either time.
+    """
+    from distrib.cli import main
+
     before = snapshot(tmp_path)
     with pytest.raises(ConfigError) as err:
         data.prepare_data(config(tmp_path, train, *overrides), seed=0)
@@ -64,6 +70,19 @@ def refused(tmp_path: Path, train: list[Path], *overrides: str) -> str:
     assert "\n" not in message, message
     assert snapshot(tmp_path) == before
     assert not (tmp_path / "cache").exists()
+    import contextlib
+    import io
+
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        code = main(["pretrain", TINY, f"output_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}",
+                     "data.source=files", f"data.train_files=[{','.join(str(p) for p in train)}]", *FAST, *overrides,
+                     "--nproc-per-node", "2"])
+    assert code == 2
+    # the one error line ends the output (datasets may draw its progress bars first), with no traceback
+    assert stderr.getvalue().endswith(f"\ndistrib: error: {message}\n") or stderr.getvalue() == f"distrib: error: {message}\n"
+    assert stderr.getvalue().count("distrib: error:") == 1 and "Traceback" not in stderr.getvalue()
+    assert snapshot(tmp_path) == before
     return message
 
 
