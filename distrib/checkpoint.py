@@ -221,9 +221,10 @@ class Checkpointer:
                 f"{kept}; free space (or fix the file system) and run the same command to resume"
             )
         if self.topo.is_main:
-            if is_complete(final) and read_state(final).run_id != state.run_id:
+            other = read_state(final).run_id if is_complete(final) else None
+            if other is not None and other != state.run_id:
                 # another run's checkpoint of the same step (this run started over): set it aside, keep it
-                os.replace(final, final.with_name(f"{final.name}-{read_state(final).run_id[:8]}"))
+                os.replace(final, final.with_name(f"{final.name}-{other[:8]}"))
             elif final.exists():  # a re-save of the same step (e.g. exit right after a periodic save)
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -234,9 +235,9 @@ class Checkpointer:
 
     def _prune(self, run_id: str) -> None:
         """Keep this lineage's ``keep_last`` newest checkpoints (by step); never touch another run's."""
-        ours = [p for p in self.root.glob("step_*") if is_complete(p) and read_state(p).run_id == run_id]
-        ours.sort(key=lambda p: read_state(p).step)
-        for old in ours[: -self.cfg.checkpoint.keep_last]:
+        states = {p: read_state(p) for p in self.root.glob("step_*") if is_complete(p)}
+        ours = sorted((s.step, p) for p, s in states.items() if s.run_id == run_id)
+        for _, old in ours[: -self.cfg.checkpoint.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
 
     def needs_universal(self, path: Path) -> bool:

@@ -107,8 +107,8 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 #: whose holder finds the cache complete, or a quick build) are not worth a log line.
 _QUIET_WAIT_SECONDS = 3.0
 
-#: The label of positions without loss (prompt, padding): ``distrib.trainer.IGNORE_INDEX`` and
-#: ``transformers``' value, repeated here because the trainer imports this module (and DeepSpeed).
+#: The label of positions without loss (prompt, padding), as in ``transformers``; the one definition (the
+#: trainer and the losses import it from here, this module needs neither them nor DeepSpeed).
 IGNORE_INDEX = -100
 
 #: A document of a built-in corpus: a text, or a prompt/response dict.

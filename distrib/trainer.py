@@ -23,17 +23,13 @@ from distrib.adapters import format_summary, trainable_summary
 from distrib.base import base_hash
 from distrib.checkpoint import Checkpointer, TrainState, latest_checkpoint
 from distrib.config import Config
-from distrib.data import GlobalBatchSampler, collate, prepare_data
+from distrib.data import IGNORE_INDEX, GlobalBatchSampler, collate, prepare_data  # noqa: F401 (re-exported)
 from distrib.metrics import MetricsLogger, keep_rows_through, measure_peak_tflops
 from distrib.model import count_parameters, flops_per_token, hf_config
 from distrib.parallelize import build_engine, deepspeed_config, torch_dtype
 from distrib.tensor_parallel import apply_plan
 from distrib.topology import Topology
 from distrib.utils import StopRequest, log_main
-
-#: Label of positions that carry no loss (prompt tokens, padding), as in ``transformers``.
-IGNORE_INDEX = -100
-
 
 @dataclass
 class LossOut:
@@ -70,10 +66,10 @@ def target_tokens(labels: torch.Tensor) -> torch.Tensor:
 def causal_lm_loss(model: torch.nn.Module, batch: dict) -> LossOut:
     """Next-token cross-entropy summed over the target tokens (``labels`` != -100), in fp32."""
     logits = model(input_ids=batch["input_ids"]).logits
-    labels = batch["labels"][:, 1:]
-    total = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
+    labels = batch["labels"]
+    total = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX,
                             reduction="sum")
-    return LossOut(total=total, tokens=(labels != IGNORE_INDEX).sum())
+    return LossOut(total=total, tokens=target_tokens(labels))
 
 
 class Trainer:
