@@ -49,9 +49,10 @@ class MetricsLogger:
 
     ``metrics.jsonl`` holds one row per logged step of the run as it stands: a fresh start empties
     it, and a resume at step ``k`` first drops the rows after ``k`` (steps the resumed run repeats),
-    so no step appears twice. On a terminal the console shows a tqdm bar; when the stream is not a
-    terminal (Slurm logs, CI) a bar's redraws would fill the file, so one plain line is printed
-    every ``plain_every`` steps instead.
+    so no step appears twice. Every row carries ``time``, the wall clock when it was written (seconds
+    since the Unix epoch), from which ``distrib report`` takes a run's time. On a terminal the
+    console shows a tqdm bar; when the stream is not a terminal (Slurm logs, CI) a bar's redraws
+    would fill the file, so one plain line is printed every ``plain_every`` steps instead.
     """
 
     def __init__(self, output_dir: Path, enabled: bool, *, tensorboard: bool, progress_bar: bool,
@@ -106,6 +107,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        clean.setdefault("time", time.time())  # wall clock (Unix seconds): the report's run time is the rows' span
         self.file.write(json.dumps(clean) + "\n")
         step = record["step"]
         if self.tb is not None:

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
@@ -50,7 +51,19 @@ def test_fresh_start_empties_the_file(tmp_path):
     assert (tmp_path / "metrics.jsonl").read_text() == ""
     m.log({"step": 0, "eval_loss": 6.0})
     m.close()
-    assert _rows(tmp_path / "metrics.jsonl") == [{"step": 0, "eval_loss": 6.0}]
+    rows = _rows(tmp_path / "metrics.jsonl")
+    assert [{k: v for k, v in r.items() if k != "time"} for r in rows] == [{"step": 0, "eval_loss": 6.0}]
+
+
+def test_every_row_carries_its_wall_clock_time(tmp_path):
+    before = time.time()
+    m = _logger(tmp_path, start_step=0)
+    m.log({"step": 0, "eval_loss": 6.0})
+    m.log({"step": 1, "loss": 5.0})
+    m.close()
+    times = [r["time"] for r in _rows(tmp_path / "metrics.jsonl")]
+    assert all(isinstance(t, float) for t in times)
+    assert before <= times[0] <= times[1] <= time.time()
 
 
 def test_a_torn_last_line_is_dropped_on_resume(tmp_path):
