@@ -4,6 +4,7 @@
                      --rdzv-endpoint HOST:PORT] [--max-restarts K]]
     distrib export CHECKPOINT|RUN_DIR OUT_DIR
     distrib plan CONFIG [key.path=value ...] --world-size N [--gpus-per-node G] [--gpu-memory-gib M]
+    distrib generate MODEL_DIR --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-p P] [--seed S]
 
 A training command runs as one worker of whatever launcher started it (torchrun, srun, mpirun),
 or as a single process. Given ``--nproc-per-node`` outside any launcher it starts the workers itself
@@ -45,6 +46,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--world-size", type=int, required=True)
     p.add_argument("--gpus-per-node", type=int, default=8)
     p.add_argument("--gpu-memory-gib", type=float, default=80.0)
+    p = sub.add_parser("generate", help="continue a prompt with an exported model")
+    p.add_argument("model_dir", help="a run directory, its hf/ export or its adapter/ directory")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 decodes greedily")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
     return parser
 
 
@@ -83,6 +91,12 @@ def main(argv: list[str] | None = None) -> int:
             from distrib.export import export_checkpoint
 
             print(export_checkpoint(resolve_checkpoint(args.checkpoint), args.out_dir))
+            return 0
+        if args.command == "generate":
+            from distrib.generate import generate
+
+            print(generate(args.model_dir, args.prompt, max_new_tokens=args.max_new_tokens,
+                           temperature=args.temperature, top_p=args.top_p, seed=args.seed))
             return 0
         cfg = load_config(args.config, args.overrides)
         if args.command == "plan":
