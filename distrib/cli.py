@@ -4,6 +4,7 @@
                      --rdzv-endpoint HOST:PORT] [--max-restarts K]]
     distrib export CHECKPOINT|RUN_DIR OUT_DIR
     distrib plan CONFIG [key.path=value ...] --world-size N [--gpus-per-node G] [--gpu-memory-gib M]
+    distrib report RUN_DIR [--no-speed]
     distrib generate MODEL_DIR --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-p P] [--seed S]
 
 A training command runs as one worker of whatever launcher started it (torchrun, srun, mpirun),
@@ -46,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--world-size", type=int, required=True)
     p.add_argument("--gpus-per-node", type=int, default=8)
     p.add_argument("--gpu-memory-gib", type=float, default=80.0)
+    p = sub.add_parser("report", help="summarize a run or pipeline directory: summary.json, summary.md, plots")
+    p.add_argument("run_dir", help="a run's output_dir, or a directory holding pretrain/, finetune/, distill/")
+    p.add_argument("--no-speed", action="store_true", help="skip timing a distilled student against its teacher")
     p = sub.add_parser("generate", help="continue a prompt with an exported model")
     p.add_argument("model_dir", help="a run directory, its hf/ export or its adapter/ directory")
     p.add_argument("--prompt", required=True)
@@ -91,6 +95,11 @@ def main(argv: list[str] | None = None) -> int:
             from distrib.export import export_checkpoint
 
             print(export_checkpoint(resolve_checkpoint(args.checkpoint), args.out_dir))
+            return 0
+        if args.command == "report":
+            from distrib.report import format_markdown, write_report
+
+            print(format_markdown(write_report(args.run_dir, measure_speed=not args.no_speed)), end="")
             return 0
         if args.command == "generate":
             from distrib.generate import generate
