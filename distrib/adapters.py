@@ -91,7 +91,7 @@ def _arch(model: torch.nn.Module) -> str:
     return str(getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__)
 
 
-def _find_blocks(model: torch.nn.Module) -> tuple[str, int]:
+def find_blocks(model: torch.nn.Module) -> tuple[str, int]:
     """(full name, length) of the ``nn.ModuleList`` holding the transformer blocks."""
     n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
     lists = [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 0]
@@ -104,7 +104,7 @@ def _find_blocks(model: torch.nn.Module) -> tuple[str, int]:
 
 
 def _layout(model: torch.nn.Module) -> _Layout:
-    blocks, n_layers = _find_blocks(model)
+    blocks, n_layers = find_blocks(model)
     names = {id(m): name for name, m in model.named_modules(remove_duplicate=False)}
     embeddings: list[tuple[str, torch.nn.Module]] = []
     inp = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
@@ -396,7 +396,7 @@ def trainable_summary(model: torch.nn.Module) -> dict[str, Any]:
         peft's wrapper parts removed) and ``block_tensors`` (number of trainable non-LoRA tensors in blocks).
     """
     try:
-        blocks = _find_blocks(model)[0] + "."
+        blocks = find_blocks(model)[0] + "."
     except ValueError:
         blocks = None
     names, trainable, total = [], 0, 0

@@ -37,12 +37,25 @@ def resolve_base(cfg: Config) -> Path | None:
     """
     if not cfg.init_from:
         return None
-    src = Path(cfg.init_from).expanduser()
-    copy = Path(cfg.output_dir) / "base"
+    return resolve_model_dir(cfg.init_from, "init_from", Path(cfg.output_dir) / "base")
+
+
+def resolve_model_dir(value: str, key: str, copy: Path) -> Path:
+    """The Hugging Face directory a model reference names: itself, a run's ``hf/``, or a checkpoint exported once.
+
+    Args:
+        value: what the user wrote (a Hugging Face directory, a distrib run directory or a checkpoint).
+        key: the config key it came from, for messages (``init_from``, ``teacher``).
+        copy: where a checkpoint is exported; once there, that copy is used whatever happens to the source.
+
+    Raises:
+        ConfigError: ``value`` does not exist or holds no model.
+    """
+    src = Path(value).expanduser()
     if (copy / "config.json").is_file():  # exported for this run earlier: keep using it
         return copy
     if not src.exists():
-        raise ConfigError(f"init_from={cfg.init_from!r} does not exist; point it at a distrib run directory, "
+        raise ConfigError(f"{key}={value!r} does not exist; point it at a distrib run directory, "
                           "a checkpoint or a Hugging Face model directory")
     if _is_hf_dir(src):
         return src
@@ -54,7 +67,7 @@ def resolve_base(cfg: Config) -> Path | None:
         ckpt = resolve_checkpoint(src)
     except ConfigError:
         raise ConfigError(
-            f"init_from={cfg.init_from!r} is not a model: no config.json with weights, no hf/ export and no "
+            f"{key}={value!r} is not a model: no config.json with weights, no hf/ export and no "
             "checkpoint; point it at a distrib run directory, a checkpoint or a Hugging Face model directory"
         ) from None
     from distrib.export import export_checkpoint
@@ -127,21 +140,28 @@ def base_hash(base: Path) -> str:
     return value
 
 
+def model_ref(path: Path) -> dict:
+    """How a checkpoint refers to a model it does not hold (a fine-tune's base, a distillation's teacher)."""
+    return {"path": str(path), "sha256": base_hash(path)}
+
+
 def check_base(cfg: Config, checkpoint: Path) -> None:
-    """Refuse to resume ``checkpoint`` onto a base whose content changed since it was saved.
+    """Refuse to resume ``checkpoint`` onto a base (or teacher) whose content changed since it was saved.
 
     Raises:
         ConfigError: the hashes differ.
     """
     from distrib.checkpoint import read_state
 
-    saved = read_state(checkpoint).base
-    if not saved:
-        return
-    base = Path(cfg.model.pretrained)
-    now = base_hash(base) if base.is_dir() else "missing"
-    if now != saved["sha256"]:
-        raise ConfigError(
-            f"the base model {base} has changed since {checkpoint.name} was saved (sha256 {now[:12]}, the checkpoint "
-            f"was trained on {saved['sha256'][:12]}); restore that base, or set checkpoint.resume=false to start over"
-        )
+    state = read_state(checkpoint)
+    for what, saved, now_path in (("base model", state.base, cfg.model.pretrained),
+                                  ("teacher", state.teacher, cfg.teacher)):
+        if not saved:
+            continue
+        path = Path(now_path or saved["path"])
+        now = base_hash(path) if path.is_dir() else "missing"
+        if now != saved["sha256"]:
+            raise ConfigError(
+                f"the {what} {path} has changed since {checkpoint.name} was saved (sha256 {now[:12]}, the checkpoint "
+                f"was trained with {saved['sha256'][:12]}); restore it, or set checkpoint.resume=false to start over"
+            )

@@ -60,6 +60,7 @@ class TrainState:
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # the lineage: same across resumes
     max_steps: int = 0  # the schedule's length when saved (a resume may extend it)
     base: dict | None = None  # the frozen base a fine-tune starts from: {"path", "sha256"}
+    teacher: dict | None = None  # a distillation's frozen teacher: {"path", "sha256"}
 
 
 def is_complete(path: Path) -> bool:

@@ -4,6 +4,7 @@
                      --rdzv-endpoint HOST:PORT] [--max-restarts K]]
     distrib export CHECKPOINT|RUN_DIR OUT_DIR
     distrib plan CONFIG [key.path=value ...] --world-size N [--gpus-per-node G] [--gpu-memory-gib M]
+    distrib eval MODEL_DIR [--tasks T1,T2] [--limit N] [--batch-size B]
     distrib report RUN_DIR [--no-speed]
     distrib generate MODEL_DIR --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-p P] [--seed S]
 
@@ -41,6 +42,11 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a Hugging Face directory from a checkpoint")
     p.add_argument("checkpoint", help="<output_dir>/checkpoints/step_N, <output_dir>/checkpoints/latest or <output_dir>")
     p.add_argument("out_dir")
+    p = sub.add_parser("eval", help="evaluate an exported model with lm-eval (offline tasks shipped)")
+    p.add_argument("model_dir", help="a run's hf/ directory, the run directory, or a fine-tune's adapter/")
+    p.add_argument("--tasks", default=None, help="comma-separated lm-eval task names (default: the shipped ones)")
+    p.add_argument("--limit", type=float, default=None, help="at most N documents per task")
+    p.add_argument("--batch-size", type=int, default=16)
     p = sub.add_parser("plan", help="check a config for N ranks and estimate per-rank memory")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", metavar="key.path=value")
@@ -107,6 +113,10 @@ def main(argv: list[str] | None = None) -> int:
             print(generate(args.model_dir, args.prompt, max_new_tokens=args.max_new_tokens,
                            temperature=args.temperature, top_p=args.top_p, seed=args.seed))
             return 0
+        if args.command == "eval":
+            from distrib.downstream import main as evaluate
+
+            return evaluate(args.model_dir, args.tasks, args.limit, args.batch_size)
         cfg = load_config(args.config, args.overrides)
         if args.command == "plan":
             from distrib.plan import format_plan, plan
@@ -147,7 +157,10 @@ def _train(args, cfg) -> int:
     if _launcher_rank() == 0 and args.node_rank == 0 and not held_by_launcher(cfg.output_dir):
         RunLock(cfg.output_dir).check_free()  # a busy directory is the first thing to say
     cfg = with_base(cfg, resolve_base(cfg))  # init_from: the model, its config and its tokenizer
-    stage_class(args.command).check(cfg)
+    stage = stage_class(args.command)
+    if hasattr(stage, "prepare"):  # models the stage needs besides init_from's (a teacher)
+        cfg = stage.prepare(cfg)
+    stage.check(cfg)
     cfg.check_world(world)
     resume_from = check_resumable(cfg)
     if resume_from is not None:
@@ -196,7 +209,7 @@ def _train(args, cfg) -> int:
                 refused = str(e)
         if topo.any(refused is not None):
             return _fail(refused or "another run holds output_dir")
-        Trainer(cfg, topo, stage_class(args.command)(), resume_from=resume_from, stop=stop).fit()
+        Trainer(cfg, topo, stage(), resume_from=resume_from, stop=stop).fit()
     except TrainingError as e:
         if topo.is_main or e.from_this_rank:
             print(f"distrib: error: {e}", file=sys.stderr)

@@ -65,6 +65,10 @@ def export_checkpoint(ckpt: Path, out_dir: Path, adapter_dir: Path | None = None
     tokenizer = AutoTokenizer.from_pretrained(ckpt / "tokenizer")
     dtype = torch_dtype(cfg.precision)
     state = consolidated_state_dict(ckpt)
+    if cfg.teacher:  # the hidden-state projections trained with the student and are not part of it
+        from distrib.distill import PROJECTIONS_ATTR
+
+        state = {k: v for k, v in state.items() if not k.startswith(PROJECTIONS_ATTR + ".")}
     adapter = None
     if cfg.init_from:
         model, adapter = _on_base(cfg, state, ckpt, dtype, staging=out_dir.parent)

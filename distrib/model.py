@@ -159,3 +159,10 @@ def flops_per_token(hf_cfg: PretrainedConfig, n_params: int, seq_len: int, train
     hidden = getattr(hf_cfg, "hidden_size", None) or hf_cfg.n_embd
     trainable = n_params if trainable is None else min(trainable, n_params)
     return 4.0 * n_params + 2.0 * trainable + 12.0 * layers * hidden * seq_len
+
+
+def forward_flops_per_token(hf_cfg: PretrainedConfig, seq_len: int) -> float:
+    """Forward-only FLOPs per token of a model that does not train (a teacher): 2N + 4·L·H·T."""
+    layers = getattr(hf_cfg, "num_hidden_layers", None) or hf_cfg.n_layer
+    hidden = getattr(hf_cfg, "hidden_size", None) or hf_cfg.n_embd
+    return 2.0 * count_parameters(hf_cfg) + 4.0 * layers * hidden * seq_len

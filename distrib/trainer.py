@@ -20,12 +20,12 @@ import torch.nn.functional as F
 
 from distrib import faults
 from distrib.adapters import format_summary, trainable_summary
-from distrib.base import base_hash
+from distrib.base import model_ref
 from distrib.checkpoint import Checkpointer, TrainState, latest_checkpoint
 from distrib.config import Config
 from distrib.data import IGNORE_INDEX, GlobalBatchSampler, collate, prepare_data  # noqa: F401 (re-exported)
 from distrib.metrics import MetricsLogger, keep_rows_through, measure_peak_tflops
-from distrib.model import count_parameters, flops_per_token, hf_config
+from distrib.model import count_parameters, flops_per_token, forward_flops_per_token, hf_config
 from distrib.parallelize import build_engine, deepspeed_config, torch_dtype
 from distrib.tensor_parallel import apply_plan
 from distrib.topology import Topology
@@ -56,6 +56,12 @@ class Stage(Protocol):
 
     def loss(self, model: torch.nn.Module, batch: dict) -> LossOut:
         """The training (and evaluation) loss of one micro-batch, as sums over its target tokens."""
+
+    # Optional, for stages with more than one model or another validation loss:
+    #   build_frozen(cfg, dtype) -> {name: module}: models that never train (a teacher); the loop wraps
+    #       each in an engine without optimizer (partitioned and split like the trained model) and hands
+    #       the engines back through bind(engines).
+    #   eval_loss(model, batch) -> LossOut: the validation loss when it is not the training loss.
 
 
 def target_tokens(labels: torch.Tensor) -> torch.Tensor:
@@ -100,20 +106,29 @@ class Trainer:
         self.n_params = count_parameters(self.hf_cfg)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank and world size
         dtype = torch_dtype(cfg.precision)
-        model = self._build_model(ds_config, dtype)
+        model = self._under_zero_init(ds_config, lambda: stage.build_model(cfg, self.hf_cfg, dtype))
+        frozen = {}
+        if hasattr(stage, "build_frozen"):
+            frozen = self._under_zero_init(ds_config, lambda: stage.build_frozen(cfg, dtype))
         self.trainable = trainable_summary(model)
         if topo.tp > 1:
+            for m in frozen.values():
+                apply_plan(m, cfg, ds_config)
             ds_config = apply_plan(model, cfg, ds_config)
         self.engine = build_engine(model, cfg, topo, ds_config)
+        # Models that never train: engines without optimizer (nothing trainable), never checkpointed.
+        self.frozen = {name: build_engine(m, cfg, topo, ds_config) for name, m in frozen.items()}
+        if self.frozen:
+            stage.bind(self.frozen)
         self.trains = self.trainable["trainable"] > 0  # else an engine without optimizer (see build_engine)
         # DeepSpeed reports no gradient norm for a plain fp32 optimizer (ZeRO-0): measure it ourselves.
         self.own_grad_norm = cfg.parallel.zero_stage == 0 and cfg.precision == "fp32"
         self.skip_nonfinite = cfg.train.nonfinite == "skip"
 
-        base = Path(cfg.model.pretrained) if cfg.init_from else None
         self.state = TrainState(world_size=topo.world_size, dp=topo.dp, tp=topo.tp, zero_stage=cfg.parallel.zero_stage,
                                 config_hash=cfg.identity_hash(), max_steps=cfg.train.max_steps,
-                                base={"path": str(base), "sha256": base_hash(base)} if base else None)
+                                base=model_ref(Path(cfg.model.pretrained)) if cfg.init_from else None,
+                                teacher=model_ref(Path(cfg.teacher)) if cfg.teacher else None)
         # What is frozen comes from the base again at every start; checkpoints hold what trains.
         self.ckpt.exclude_frozen = self.trainable["trainable"] < self.trainable["total"]
         self.ckpt.engine_state = self.trains
@@ -136,6 +151,8 @@ class Trainer:
         self.tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
         self.flops_per_token = flops_per_token(self.hf_cfg, self.n_params, cfg.data.seq_len,
                                                trainable=self.trainable["trainable"])
+        for m in frozen.values():  # their forward passes are work done for every token too
+            self.flops_per_token += forward_flops_per_token(m.config, cfg.data.seq_len)
         peak = cfg.metrics.peak_tflops or topo.max(measure_peak_tflops(dtype))  # the devices are alike: take the best
         self.peak_flops = peak * 1e12 * topo.world_size
         self._write_layout()  # before the progress bar starts drawing
@@ -156,9 +173,10 @@ class Trainer:
                 keep_rows_through(trace, self.state.step - 1)
             self.trace = open(trace, "a" if resume_from is not None else "w", buffering=1)
 
-    def _build_model(self, ds_config: dict, dtype: torch.dtype) -> torch.nn.Module:
+    def _under_zero_init(self, ds_config: dict, build):
+        """``build()``, under ZeRO-3 with transformers building (and loading) models partitioned."""
         if self.cfg.parallel.zero_stage != 3:
-            return self.stage.build_model(self.cfg, self.hf_cfg, dtype)
+            return build()
         # While an HfDeepSpeedConfig is registered, transformers builds (and loads) models under
         # deepspeed.zero.Init, so no rank ever holds the full model. Only for this build: later
         # models (the export's) must be plain.
@@ -170,7 +188,7 @@ class Trainer:
         init_cfg = {k: v for k, v in ds_config.items() if k != "train_batch_size"}
         hf_ds = HfDeepSpeedConfig(init_cfg)  # noqa: F841 (registered through a weak reference)
         try:
-            return self.stage.build_model(self.cfg, self.hf_cfg, dtype)
+            return build()
         finally:
             unset_hf_deepspeed_config()
 
@@ -179,7 +197,10 @@ class Trainer:
         the optimizer has stepped, its state bytes, measured from the engine)."""
         import torch.distributed as dist
 
-        local = {n: p.ds_tensor if hasattr(p, "ds_tensor") else p for n, p in self.engine.module.named_parameters()}
+        def local_params(module) -> dict[str, torch.Tensor]:
+            return {n: p.ds_tensor if hasattr(p, "ds_tensor") else p for n, p in module.named_parameters()}
+
+        local = local_params(self.engine.module)
         trainable = {n for n, p in self.engine.module.named_parameters() if p.requires_grad}
         opt_bytes = optimizer_state_bytes(self.engine.optimizer)
         mine = {"rank": self.topo.rank, "dp_rank": self.topo.dp_rank, "tp_rank": self.topo.tp_rank,
@@ -188,6 +209,12 @@ class Trainer:
                 "trainable_numel": sum(t.numel() for n, t in local.items() if n in trainable),
                 "optimizer_state_bytes": opt_bytes,
                 "params": {n: t.numel() for n, t in local.items()}}
+        for name, engine in self.frozen.items():
+            held = local_params(engine.module)
+            mine[name] = {"param_numel": sum(t.numel() for t in held.values()),
+                          "param_bytes": sum(t.numel() * t.element_size() for t in held.values()),
+                          "trainable_numel": sum(t.numel() for n, t in held.items() if t.requires_grad),
+                          "optimizer_state_bytes": optimizer_state_bytes(engine.optimizer)}
         ranks = [None] * self.topo.world_size
         dist.all_gather_object(ranks, mine)
         if self.topo.is_main:
@@ -200,6 +227,9 @@ class Trainer:
             else:
                 log_main(f"parameters per rank: {mine['param_numel'] / 1e6:.2f}M elements, "
                          f"{mine['param_bytes'] / 2**20:.1f} MiB; trainable {mine['trainable_numel'] / 1e6:.3f}M")
+                for name in self.frozen:
+                    log_main(f"{name} (frozen: no gradients, no optimizer state) per rank: "
+                             f"{mine[name]['param_numel'] / 1e6:.2f}M elements, {mine[name]['param_bytes'] / 2**20:.1f} MiB")
 
     # -- pieces of the loop -------------------------------------------------------------------------
     def _batch(self, dataset, indices) -> dict:
@@ -224,6 +254,7 @@ class Trainer:
         n = min(self.cfg.eval.max_samples, len(self.data.validation))
         rounds = math.ceil(n / (m * dp))
         self.engine.eval()
+        eval_loss = getattr(self.stage, "eval_loss", self.stage.loss)
         total = torch.zeros((), device=self.device)
         tokens = torch.zeros((), device=self.device)
         parts: dict[str, torch.Tensor] = {}
@@ -233,7 +264,7 @@ class Trainer:
             batch = self._batch(self.data.validation, indices)
             if start >= n:  # nothing left for this rank: join the collectives, count nothing
                 batch["labels"] = torch.full_like(batch["labels"], IGNORE_INDEX)
-            out = self.stage.loss(self.engine, batch)
+            out = eval_loss(self.engine, batch)
             total += out.total.float()
             tokens += out.tokens
             for k, v in out.parts.items():

@@ -30,6 +30,9 @@ class FinetuneStage:
         Raises:
             ConfigError: no base to fine-tune, or a freeze/LoRA setting that does not fit the model.
         """
+        from distrib.stages import refuse_distill_keys
+
+        refuse_distill_keys(cfg, "finetune")
         if not cfg.init_from and not cfg.model.pretrained:
             raise ConfigError("finetune needs init_from: a distrib run directory (e.g. runs/pretrain-tiny), a "
                               "checkpoint or a Hugging Face model directory")

@@ -19,6 +19,9 @@ class PretrainStage:
         Raises:
             ConfigError: fine-tuning keys on a pretraining run (they would be silently ignored).
         """
+        from distrib.stages import refuse_distill_keys
+
+        refuse_distill_keys(cfg, "pretrain")
         if cfg.finetune != FinetuneConfig():
             raise ConfigError("finetune.* keys are set but this is the pretrain stage; run `distrib finetune`, or "
                               "remove the finetune section")
