@@ -476,8 +476,10 @@ def test_world_size_hint_rejects_garbage():
 )
 def test_export_writes_env_vars_that_detect_reads_back_unchanged(monkeypatch, environ):
     original = detect(environ)
-    for key in list(original.env_vars()) + ["TORCHELASTIC_RUN_ID"]:
-        monkeypatch.delenv(key, raising=False)  # restored after the test
+    # A private copy of the environment: export() writes into it, and the real one is never touched
+    # (monkeypatch.delenv of an unset variable would not remove what export() adds).
+    drop = set(original.env_vars()) | {"TORCHELASTIC_RUN_ID"}
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k not in drop})
     original.export()
     assert os.environ["RANK"] == str(original.rank)
     assert os.environ["LOCAL_RANK"] == str(original.local_rank)
