@@ -199,10 +199,13 @@ def evaluate_model(model_dir: str | Path, tasks: list[str] | None = None, limit:
 
 def _check_loadable(names: list[str], manager) -> None:
     """Every task's documents load (offline): a missing data set is one line, not a traceback from lm-eval."""
-    from lm_eval.tasks import get_task_dict
-
     try:
-        get_task_dict(names, manager)
+        if hasattr(manager, "load"):  # lm-eval >= 0.4.10; get_task_dict before
+            manager.load(names)
+        else:
+            from lm_eval.tasks import get_task_dict
+
+            get_task_dict(names, manager)
     except Exception as e:  # datasets' offline errors vary by version and loader; all mean "not on disk"
         first = str(e).strip().split("\n")[0]
         raise ConfigError(f"--tasks {','.join(names)}: a task's data is not on this machine and nothing is "
