@@ -167,6 +167,8 @@ def _train(args, cfg) -> int:
         check_base(cfg, resume_from)
     if resume_from is not None and _finished(cfg, resume_from):
         return 0
+    if hasattr(stage, "materialize"):  # what the stage builds from its inputs (a student cut from the teacher)
+        stage.materialize(cfg)
     prepare_data(cfg.data, cfg.seed)  # bad data is one line here; workers after this hit the cache
 
     if local:

@@ -831,9 +831,15 @@ class Config(_Section):
             )
 
     def _head_counts(self) -> tuple[int, int]:
-        """(attention heads, key/value heads), read from ``model.pretrained`` when set."""
-        if self.model.pretrained:
-            cfg_file = Path(self.model.pretrained) / "config.json"
+        """(attention heads, key/value heads), read from ``model.pretrained`` when set.
+
+        A student cut from its teacher (``student.init_from_teacher_layers``) has the teacher's heads.
+        """
+        source = self.model.pretrained
+        if self.student.init_from_teacher_layers is not None and self.teacher:
+            source = self.teacher
+        if source:
+            cfg_file = Path(source) / "config.json"
             try:
                 raw = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
             except (OSError, UnicodeDecodeError, ValueError) as e:

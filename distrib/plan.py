@@ -71,6 +71,7 @@ none of which is modelled above.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,11 +96,12 @@ class Memory:
     optimizer: float = 0.0
     gathered: float = 0.0  # ZeRO-3 working memory for the largest gathered layer
     activations: float = 0.0
+    frozen: float = 0.0  # weights of models that never train (a distillation's teacher)
 
     @property
     def model_states(self) -> float:
-        """Parameters + gradients + optimizer state (+ ZeRO-3 gathered layer): what DeepSpeed's estimators cover."""
-        return self.params + self.grads + self.optimizer + self.gathered
+        """Parameters + gradients + optimizer state (+ ZeRO-3 gathered layer, + frozen models' weights)."""
+        return self.params + self.grads + self.optimizer + self.gathered + self.frozen
 
     @property
     def total(self) -> float:
@@ -143,6 +145,7 @@ class Plan:
     fits: bool
     bytes_per_param: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    teacher_params: int = 0
 
     @property
     def params_per_tp_rank(self) -> float:
@@ -270,9 +273,24 @@ def plan(cfg: Config, world_size: int, gpus_per_node: int = 8, gpu_memory_gib: f
         raise ConfigError(f"--gpus-per-node must be at least 1 (got {gpus_per_node})")
     if gpu_memory_gib <= 0:
         raise ConfigError(f"--gpu-memory-gib must be positive (got {gpu_memory_gib})")
-    cfg.check_world(world_size)
+    teacher_cfg = None
+    if cfg.teacher:
+        teacher_dir = _hf_dir(cfg.teacher)
+        if teacher_dir is None:
+            raise ConfigError(f"teacher={cfg.teacher!r} has no config.json (nor hf/config.json); plan reads the "
+                              "teacher's architecture from a Hugging Face directory or a run directory with an export")
+        from transformers import AutoConfig
 
-    hf_cfg = hf_config(cfg.model, vocab_size=tokenizer_vocab_size(cfg), seq_len=cfg.data.seq_len)
+        teacher_cfg = AutoConfig.from_pretrained(teacher_dir)
+        cfg = cfg.model_copy(update={"teacher": str(teacher_dir)})
+    cfg = _with_init_from(cfg)
+    cfg.check_world(world_size)
+    if teacher_cfg is not None and cfg.student.init_from_teacher_layers is not None:
+        hf_cfg = copy.deepcopy(teacher_cfg)  # a student cut from the teacher: its architecture, fewer layers
+        hf_cfg.num_hidden_layers = len(cfg.student.init_from_teacher_layers)
+    else:
+        hf_cfg = hf_config(cfg.model, vocab_size=tokenizer_vocab_size(cfg) if teacher_cfg is None
+                           else teacher_cfg.vocab_size, seq_len=cfg.data.seq_len)
     n_params, largest = _model_sizes(hf_cfg)
     hidden = _dim(hf_cfg, "hidden_size", "n_embd")
     layers = _dim(hf_cfg, "num_hidden_layers", "n_layer")
@@ -332,6 +350,19 @@ def plan(cfg: Config, world_size: int, gpus_per_node: int = 8, gpu_memory_gib: f
         layers=layers, vocab=vocab, tp=tp, checkpointing=cfg.model.activation_checkpointing, dtype_bytes=w,
     )
 
+    teacher_params = 0
+    if teacher_cfg is not None:
+        # Weights only, in the training precision: no gradients, no optimizer state; split by tp and,
+        # under ZeRO-3, partitioned over dp like the student (plus its largest layer while gathered).
+        teacher_params, teacher_largest = _model_sizes(teacher_cfg)
+        frozen = w * teacher_params / tp / (dp if stage == 3 else 1)
+        if par.offload_params:
+            cpu.frozen = frozen
+        else:
+            gpu.frozen = frozen
+        if stage == 3:
+            gpu.gathered += w * teacher_largest / tp
+
     overhead = OVERHEAD_FRACTION * gpu_memory_gib * GIB
     fits = gpu.total + overhead <= gpu_memory_gib * GIB
 
@@ -354,6 +385,10 @@ def plan(cfg: Config, world_size: int, gpus_per_node: int = 8, gpu_memory_gib: f
     ]
     if stage == 3:
         notes.insert(1, "ZeRO-3 adds 4 B x largest layer for the gathered weights and grads (as DeepSpeed's estimator)")
+    if teacher_cfg is not None:
+        notes.insert(1, f"teacher: {_count(teacher_params)} frozen parameters, weights only ({w} B each), split by tp"
+                        + (" and partitioned over dp (ZeRO-3)" if stage == 3 else ", whole on every dp rank")
+                        + "; its forward activations are freed layer by layer (no backward)")
 
     return Plan(
         arch=cfg.model.arch if cfg.model.pretrained is None else type(hf_cfg).__name__,
@@ -365,8 +400,27 @@ def plan(cfg: Config, world_size: int, gpus_per_node: int = 8, gpu_memory_gib: f
         micro_batch_size=cfg.train.micro_batch_size, global_batch_size=cfg.train.global_batch_size,
         global_batch_tokens=cfg.train.global_batch_size * cfg.data.seq_len,
         grad_accum_steps=cfg.grad_accum_steps(world_size), gpu=gpu, cpu=cpu, gpu_memory_gib=gpu_memory_gib,
-        overhead_bytes=overhead, fits=fits, bytes_per_param=per_param, notes=notes,
+        overhead_bytes=overhead, fits=fits, bytes_per_param=per_param, notes=notes, teacher_params=teacher_params,
     )
+
+
+def _hf_dir(value: str) -> Path | None:
+    """The Hugging Face directory a model reference names without exporting anything (None for a checkpoint)."""
+    for path in (Path(value).expanduser(), Path(value).expanduser() / "hf"):
+        if (path / "config.json").is_file():
+            return path
+    return None
+
+
+def _with_init_from(cfg: Config) -> Config:
+    """``cfg`` with ``init_from``'s model as ``model.pretrained`` (its architecture is the one trained)."""
+    if not cfg.init_from:
+        return cfg
+    path = _hf_dir(cfg.init_from)
+    if path is None:
+        raise ConfigError(f"init_from={cfg.init_from!r} has no config.json (nor hf/config.json); plan reads the "
+                          "architecture from a Hugging Face directory or a run directory with an export")
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"pretrained": str(path)})})
 
 
 def _count(n: float) -> str:
@@ -401,6 +455,8 @@ def format_plan(p: Plan) -> str:
     ]
     if p.zero_stage == 3:
         lines.append(f"  ZeRO-3 gathered layer      {g(p.gpu.gathered)} {g(0)}")
+    if p.teacher_params:
+        lines.append(f"  teacher (frozen)           {g(p.gpu.frozen)} {g(p.cpu.frozen)}")
     lines += [
         f"  = model states             {g(p.gpu.model_states)} {g(p.cpu.model_states)}",
         f"  activations                {g(p.gpu.activations)}",

@@ -61,8 +61,10 @@ class DistillStage:
         """Resolve the teacher and the student's weights; check that they fit together.
 
         Returns ``cfg`` with ``teacher`` the teacher's Hugging Face directory, ``data.tokenizer`` the
-        teacher's tokenizer (unless set), and the student's ``model.pretrained`` (cut from the teacher)
-        or ``model.vocab_size`` (the teacher's, for a student of its own size).
+        teacher's tokenizer (unless set), and the student's ``model.pretrained`` (cut from the teacher,
+        written by :meth:`materialize` once every other check has passed) or ``model.vocab_size`` (the
+        teacher's, for a student of its own size). Writes nothing, except a teacher given as a checkpoint,
+        exported once to ``<output_dir>/teacher``.
 
         Raises:
             ConfigError: one line for a missing teacher, vocabularies that differ, a teacher layer that
@@ -141,12 +143,18 @@ class DistillStage:
 
         data = cfg.data.model_copy(update={"tokenizer": tokenizer})
         update: dict = {"teacher": str(teacher), "data": data}
-        if layers is not None:
-            student = _student_from_teacher(teacher, layers, out / "student_init", tokenizer)
-            update["model"] = cfg.model.model_copy(update={"pretrained": str(student)})
+        if layers is not None:  # written by materialize(), once every check has passed
+            update["model"] = cfg.model.model_copy(update={"pretrained": str(out / "student_init")})
         elif not cfg.model.pretrained:
             update["model"] = cfg.model.model_copy(update={"vocab_size": t_vocab})
         return cfg.model_copy(update=update)
+
+    @staticmethod
+    def materialize(cfg: Config) -> None:
+        """Write what :meth:`prepare` promised: the student cut from the teacher (``<output_dir>/student_init``)."""
+        layers = cfg.student.init_from_teacher_layers
+        if layers is not None:
+            _student_from_teacher(Path(cfg.teacher), layers, Path(cfg.model.pretrained), cfg.data.tokenizer)
 
     @staticmethod
     def check(cfg: Config) -> None:

@@ -313,3 +313,42 @@ def test_format_plan_reports_memory_table_batch_and_verdict():
 def test_format_plan_shows_cpu_memory_when_offloading():
     text = format_plan(plan(_cfg("llama-7b", "parallel.offload_optimizer=true"), 64))
     assert "offload optimizer" in text and "CPU per node" in text
+
+
+def test_distillation_plans_the_teacher_weights_only_and_the_student_cut_from_it(tmp_path):
+    """The teacher adds its weights (training precision) per rank, partitioned under ZeRO-3, never gradients
+    or optimizer state; a student cut from its layers has the teacher's architecture with fewer layers."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from distrib.config import load_config
+    from distrib.plan import plan
+    from tests.helpers import ROOT
+
+    teacher = tmp_path / "run" / "hf"  # a run directory with an export, as users point at it
+    LlamaForCausalLM(LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(teacher)
+    n_teacher = sum(p.numel() for p in LlamaForCausalLM.from_pretrained(teacher).parameters())
+    distill = str(ROOT / "configs/distill/tiny.yaml")
+    zero2 = plan(load_config(distill, [f"teacher={tmp_path / 'run'}", "parallel.zero_stage=2"]), 2)
+    zero3 = plan(load_config(distill, [f"teacher={tmp_path / 'run'}", "parallel.zero_stage=3"]), 2)
+    assert zero2.teacher_params == n_teacher
+    assert zero2.gpu.frozen == 2 * n_teacher  # bf16 weights, whole on every rank
+    assert zero3.gpu.frozen == 2 * n_teacher / 2  # partitioned over dp=2
+    assert zero2.num_layers == 2 and zero2.hidden_size == 64 and zero2.vocab_size == 1000  # [0, 2] of 4 layers
+    per_layer = (n_teacher - zero2.n_params) / 2
+    assert per_layer > 0 and zero2.n_params == n_teacher - 2 * per_layer
+    assert zero2.gpu.model_states - zero2.gpu.frozen > 0 and zero2.gpu.optimizer == 12 * zero2.n_params / 2  # the student's alone
+
+
+def test_the_shipped_7b_to_1b_distillation_fits_one_node_of_80_gib_gpus(tmp_path):
+    from distrib.config import load_config
+    from distrib.model import hf_config
+    from distrib.plan import plan
+    from tests.helpers import ROOT
+
+    teacher_cfg = load_config(ROOT / "configs/pretrain/llama-7b.yaml")
+    hf_config(teacher_cfg.model, seq_len=teacher_cfg.data.seq_len).save_pretrained(tmp_path / "teacher")  # config only
+    p = plan(load_config(ROOT / "configs/distill/llama-7b-to-1b.yaml", [f"teacher={tmp_path / 'teacher'}"]), 8)
+    assert 6.5e9 < p.teacher_params < 7e9 and 1.0e9 < p.n_params < 1.6e9
+    assert p.gpu.frozen == 2 * p.teacher_params / 8  # bf16, partitioned by ZeRO-3 over 8 ranks
+    assert p.fits
