@@ -7,7 +7,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """The shipped tasks generated once for the module: (cache root, task directory)."""
+    from distrib.eval_tasks import task_dir
+
+    root = tmp_path_factory.mktemp("eval-cache")
+    return root, task_dir(root)
 
 #: Loads every shipped task through lm-eval's TaskManager in a fresh process where any socket
 #: connection raises, and prints each task's document count.
@@ -33,8 +44,8 @@ print(json.dumps(out))
 """
 
 
-def test_shipped_tasks_load_offline(tmp_path):
-    env = {**os.environ, "DISTRIB_CACHE": str(tmp_path), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
+def test_shipped_tasks_load_offline(tmp_path, built):
+    env = {**os.environ, "DISTRIB_CACHE": str(built[0]), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
            "HF_HOME": str(tmp_path / "hf-home")}  # no cached hub files to fall back on
     proc = subprocess.run([sys.executable, "-c", _LOAD], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -51,11 +62,10 @@ def test_shipped_tasks_load_offline(tmp_path):
     assert len(first["choices"]) == 4 and len(set(first["choices"])) == 4 and 0 <= first["label"] < 4
 
 
-def test_tasks_are_the_held_out_side(tmp_path):
+def test_tasks_are_the_held_out_side(built):
     from distrib.data import builtin_corpus
-    from distrib.eval_tasks import task_dir
 
-    d = task_dir(tmp_path)
+    d = built[1]
     rows = lambda name: [json.loads(line) for line in (d / f"{name}.jsonl").read_text().splitlines()]
     code, prose, instruct = (builtin_corpus(n) for n in ("code", "prose", "instruct"))
     assert [r["text"] for r in rows("code_ppl")] == code["validation"]
@@ -70,10 +80,10 @@ def test_tasks_are_the_held_out_side(tmp_path):
     assert all(ex["response"].startswith(r["response"]) for r, ex in zip(rows("instruct_response"), instruct["validation"]))
 
 
-def test_generation_is_deterministic(tmp_path):
+def test_generation_is_deterministic(tmp_path, built):
     from distrib.eval_tasks import task_dir
 
-    a, b = task_dir(tmp_path / "a"), task_dir(tmp_path / "b")
+    a, b = built[1], task_dir(tmp_path)
     assert a.name == b.name
     for name in ("code_ppl", "prose_ppl", "code_nextline", "instruct_response"):
         assert (a / f"{name}.jsonl").read_bytes() == (b / f"{name}.jsonl").read_bytes()
