@@ -2,6 +2,7 @@
 
     distrib pretrain CONFIG [key.path=value ...] [--nproc-per-node N [--nnodes M --node-rank R
                      --rdzv-endpoint HOST:PORT] [--max-restarts K]]
+    distrib run [PIPELINE.yaml] [output_dir=DIR] [STAGE.key=value ...] [--nproc-per-node N]
     distrib export CHECKPOINT|RUN_DIR OUT_DIR
     distrib plan CONFIG [key.path=value ...] --world-size N [--gpus-per-node G] [--gpu-memory-gib M]
     distrib eval MODEL_DIR [--tasks T1,T2] [--limit N] [--batch-size B]
@@ -39,6 +40,11 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--rdzv-endpoint", default=None, help="HOST:PORT of the rendezvous (node 0)")
         p.add_argument("--rdzv-id", default="distrib", help="rendezvous id shared by the nodes of one job")
         p.add_argument("--max-restarts", type=int, default=0, help="restart failed workers up to K times")
+    p = sub.add_parser("run", help="pretrain -> fine-tune -> distil in one command, then a report")
+    p.add_argument("args", nargs="*", metavar="[PIPELINE.yaml] key=value",
+                   help="a pipeline file (default: the embedded configs/pipeline/default.yaml), then overrides: "
+                        "output_dir=DIR, STAGE.key=value, or key=value for every stage")
+    p.add_argument("--nproc-per-node", type=int, default=None, help="processes per stage (default: the pipeline's)")
     p = sub.add_parser("export", help="write a Hugging Face directory from a checkpoint")
     p.add_argument("checkpoint", help="<output_dir>/checkpoints/step_N, <output_dir>/checkpoints/latest or <output_dir>")
     p.add_argument("out_dir")
@@ -96,6 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     args = commands[argv[0]].parse_intermixed_args(argv[1:])
     args.command = argv[0]
     try:
+        if args.command == "run":
+            from distrib.pipeline import main as run_pipeline
+
+            first = args.args[0] if args.args and "=" not in args.args[0] else None
+            return run_pipeline(first, args.args[1:] if first else args.args, args.nproc_per_node)
         if args.command == "export":
             from distrib.checkpoint import resolve_checkpoint
             from distrib.export import export_checkpoint

@@ -249,6 +249,7 @@ def summarize_stage(name: str, run: Path, measure_speed: bool = True) -> dict:
         "finished": (steps >= max_steps) if steps is not None and max_steps is not None else None,
         "tokens": _last(train, "tokens_seen"),
         "final_train_loss": _last(train, "loss"),
+        "initial_val_loss": evals[0]["eval_loss"] if evals and evals[0].get("step") == 0 else None,
         "final_val_loss": final_val,
         "final_val_ppl": ppl,
         "median_tokens_per_s": _median(train, "tokens_per_s"),

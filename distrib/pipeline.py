@@ -1,0 +1,247 @@
+"""A base model's whole life in one command: ``distrib run [PIPELINE.yaml] [key=value ...]``.
+
+A pipeline file names one config per stage, with overrides, and one ``output_dir`` for all of them::
+
+    output_dir: runs/pipeline
+    nproc_per_node: 2
+    pretrain:
+      config: ../pretrain/tiny.yaml        # relative to this file
+    finetune:
+      config: ../finetune/tiny-lora.yaml
+      overrides: {train.max_steps: 100}
+    distill:
+      config: ../distill/tiny.yaml
+
+The stages run in the order pretrain -> finetune -> distill (any of them may be left out), each in
+``<output_dir>/<stage>/``, each stage's output feeding the next: the fine-tune's ``init_from`` is the
+pretraining run, the distillation's ``teacher`` the fine-tuned run (or the pretraining run without a
+fine-tune), unless the stage's config or overrides say otherwise.
+
+Each stage is the stage's own command (``distrib pretrain ... --nproc-per-node N``) in a child
+process, so locks, resume, data preparation and export are exactly those of a stage run by hand. A
+finished stage is skipped; an interrupted one resumes; the same command run again carries on where it
+stopped. At the end :func:`distrib.report.write_report` writes ``summary.json``, ``summary.md`` and
+the plots into ``output_dir``.
+
+On the command line: ``output_dir=DIR`` moves the whole pipeline, ``nproc_per_node=N`` (or
+``--nproc-per-node N``) sizes every stage, ``STAGE.key=value`` overrides one stage's key
+(``finetune.train.max_steps=50``), and any other ``key=value`` applies to every stage
+(``data.cache_dir=/scratch/cache``).
+
+Everything that can be checked before a stage runs is checked first, for every stage: an unknown
+stage, a missing stage config, a stage config that fails validation (named ``STAGE: ...``), a world
+size that does not fit. One line, exit 2, nothing run or written.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from distrib.config import ConfigError, _parse_yaml, load_config, parse_override
+
+#: Where the embedded default lives (the repository's configs/, beside the package).
+DEFAULT_PIPELINE = Path(__file__).resolve().parents[1] / "configs" / "pipeline" / "default.yaml"
+ORDER = ("pretrain", "finetune", "distill")
+_PIPELINE_KEYS = ("output_dir", "nproc_per_node")
+_STAGE_KEYS = ("config", "overrides")
+
+
+@dataclass
+class StagePlan:
+    name: str
+    config: Path
+    overrides: list[str] = field(default_factory=list)
+    output_dir: Path = Path()
+
+
+@dataclass
+class Pipeline:
+    output_dir: Path
+    nproc_per_node: int
+    stages: list[StagePlan]
+
+
+def _suggest(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _as_override(key: str, value: Any) -> str:
+    """``key=value`` with the value in YAML flow form, so it reads back to the same value."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=10**9).strip()
+    if text.endswith("\n..."):
+        text = text[: -len("\n...")]
+    return f"{key}={text}"
+
+
+def load_pipeline(path: str | Path | None, overrides: list[str] = (), nproc_per_node: int | None = None) -> Pipeline:
+    """Read and check a pipeline file (the embedded default when ``path`` is None) with command-line overrides.
+
+    Raises:
+        ConfigError: one line naming the stage and key.
+    """
+    path = Path(path) if path is not None else DEFAULT_PIPELINE
+    if not path.is_file():
+        raise ConfigError(f"pipeline file {str(path)!r} does not exist; pass a file such as configs/pipeline/default.yaml")
+    try:
+        raw = _parse_yaml(path.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"pipeline file {str(path)!r} cannot be read ({e})") from None
+    if not isinstance(raw, dict) or not raw:
+        raise ConfigError(f"pipeline file {str(path)!r} holds no stages; name at least one of {', '.join(ORDER)} "
+                          "with its config, e.g. 'pretrain: {config: ../pretrain/tiny.yaml}'")
+    for key in raw:
+        if key not in ORDER and key not in _PIPELINE_KEYS:
+            raise ConfigError(f"{key!r} in {path} is not a stage{_suggest(str(key), (*ORDER, *_PIPELINE_KEYS))}; "
+                              f"stages are {', '.join(ORDER)} (and the keys {', '.join(_PIPELINE_KEYS)})")
+
+    # Command-line overrides: pipeline keys, STAGE.key=value, or key=value for every stage.
+    per_stage: dict[str, list[str]] = {name: [] for name in ORDER}
+    output_dir = raw.get("output_dir", "runs/pipeline")
+    nproc = raw.get("nproc_per_node", 1)
+    for item in overrides:
+        keys, value = parse_override(item)
+        if keys[0] == "output_dir" and len(keys) == 1:
+            output_dir = value
+        elif keys[0] == "nproc_per_node" and len(keys) == 1:
+            nproc = value
+        elif keys[0] in ORDER and len(keys) > 1:
+            if keys[0] not in raw:
+                raise ConfigError(f"{item!r} overrides the {keys[0]} stage, which this pipeline does not run; "
+                                  f"its stages are {', '.join(k for k in ORDER if k in raw)}")
+            per_stage[keys[0]].append(_as_override(".".join(keys[1:]), value))
+        elif keys[0] in ORDER:
+            raise ConfigError(f"{item!r} names a stage but no key; write {keys[0]}.KEY=VALUE, e.g. "
+                              f"{keys[0]}.train.max_steps=50")
+        else:
+            for name in ORDER:
+                per_stage[name].append(item)
+    if nproc_per_node is not None:
+        nproc = nproc_per_node
+    if not isinstance(nproc, int) or isinstance(nproc, bool) or nproc < 1:
+        raise ConfigError(f"nproc_per_node={nproc!r} must be a whole number >= 1 (processes per stage on this machine)")
+    if not isinstance(output_dir, str) or not output_dir:
+        raise ConfigError(f"output_dir={output_dir!r} must be a directory path")
+    out = Path(output_dir)
+
+    stages: list[StagePlan] = []
+    for name in ORDER:
+        if name not in raw:
+            continue
+        spec = raw[name]
+        if not isinstance(spec, dict) or "config" not in spec:
+            raise ConfigError(f"{name}: no config; give the stage's YAML, e.g. '{name}: {{config: ../{name}/tiny.yaml}}'")
+        for key in spec:
+            if key not in _STAGE_KEYS:
+                raise ConfigError(f"{name}.{key} is not a stage setting{_suggest(str(key), _STAGE_KEYS)}; a stage has "
+                                  "config (its YAML) and overrides (a mapping of dotted keys to values)")
+        config = Path(str(spec["config"])).expanduser()
+        if not config.is_absolute():
+            config = path.parent / config
+        if not config.is_file():
+            raise ConfigError(f"{name}.config={str(spec['config'])!r} does not exist (looked for {config}; relative "
+                              "paths are relative to the pipeline file)")
+        extra = spec.get("overrides") or {}
+        if not isinstance(extra, dict):
+            raise ConfigError(f"{name}.overrides must be a mapping of dotted keys to values, e.g. "
+                              "{train.max_steps: 50}")
+        stage = StagePlan(name, config, [_as_override(k, v) for k, v in extra.items()] + per_stage[name],
+                          out / name)
+        stages.append(stage)
+
+    # Wiring: each stage's output feeds the next, unless the stage says otherwise.
+    names = [s.name for s in stages]
+    for stage in stages:
+        wiring = [f"output_dir={stage.output_dir}"]
+        set_keys = {o.split("=", 1)[0] for o in stage.overrides}
+        if stage.name == "finetune" and "pretrain" in names and "init_from" not in set_keys:
+            wiring.append(f"init_from={out / 'pretrain'}")
+        if stage.name == "distill" and "teacher" not in set_keys:
+            feeder = "finetune" if "finetune" in names else "pretrain" if "pretrain" in names else None
+            if feeder:
+                wiring.append(f"teacher={out / feeder}")
+        stage.overrides = stage.overrides + wiring
+
+    # Validate every stage now, before anything runs.
+    for stage in stages:
+        try:
+            cfg = load_config(stage.config, stage.overrides)
+            cfg.check_world(nproc)
+        except ConfigError as e:
+            raise ConfigError(f"{stage.name}: {e}") from None
+    return Pipeline(out, nproc, stages)
+
+
+def _finished(stage: StagePlan) -> int | None:
+    """The step a finished, exported stage ended at; None when it still has work to do."""
+    from distrib.checkpoint import latest_checkpoint, read_state
+
+    try:
+        cfg = load_config(stage.config, stage.overrides)
+        last = latest_checkpoint(stage.output_dir / "checkpoints")
+    except ConfigError:
+        return None
+    if last is None or not (stage.output_dir / "hf" / "config.json").is_file():
+        return None
+    step = read_state(last).step
+    return step if step >= cfg.train.max_steps else None
+
+
+def run_pipeline(p: Pipeline, say=print) -> int:
+    """Run the stages in order (skipping finished ones), then write the report; returns the exit code."""
+    from distrib.lock import RunLock
+
+    p.output_dir.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(p.output_dir).acquire()
+    try:
+        for stage in p.stages:
+            step = _finished(stage)
+            if step is not None:
+                say(f"distrib run: {stage.name} finished at step {step} ({stage.output_dir}); skipped")
+                continue
+            cmd = [sys.executable, "-m", "distrib", stage.name, str(stage.config), *stage.overrides,
+                   "--nproc-per-node", str(p.nproc_per_node)]
+            say(f"distrib run: {stage.name}: {' '.join(cmd[2:])}")
+            code = subprocess.run(cmd, env={**os.environ}).returncode
+            if code != 0:
+                say(f"distrib run: {stage.name} stopped with exit code {code}; fix the cause and run the same "
+                    "command again: finished stages are skipped, this one resumes")
+                return code
+        from distrib.report import format_markdown, write_report
+
+        summary = write_report(p.output_dir)
+        say(format_markdown(summary))
+        say(f"distrib run: summary in {p.output_dir / 'summary.md'} and {p.output_dir / 'summary.json'}, plots "
+            f"{p.output_dir / 'loss.png'} and {p.output_dir / 'throughput.png'}")
+        return 0
+    finally:
+        lock.release()
+
+
+def main(path: str | None, overrides: list[str], nproc_per_node: int | None) -> int:
+    from launch.env import detect
+
+    env = detect()
+    if env.launcher != "none" and env.world_size > 1:
+        raise ConfigError(f"distrib run starts each stage's processes itself, but this process was started by "
+                          f"{env.launcher} with {env.world_size} ranks; run it as one process, or under Slurm submit "
+                          "one job per stage (slurm/README.md)")
+    # A first argument with '=' is an override, not a pipeline file.
+    if path is not None and "=" in path and not Path(path).exists():
+        overrides, path = [path, *overrides], None
+    p = load_pipeline(path, overrides, nproc_per_node)
+    if p.output_dir.exists() and not p.output_dir.is_dir():
+        raise ConfigError(f"output_dir={str(p.output_dir)!r} is a file, not a directory; set output_dir to a new or "
+                          "existing pipeline directory")
+    from distrib.lock import RunLock
+
+    RunLock(p.output_dir).check_free()
+    return run_pipeline(p)
