@@ -105,3 +105,30 @@ def test_trained_beats_chance_random_does_not(trained, random_model, eval_cache,
     assert any(p < 0.01 for _, p in trained_test.values()), trained_test
     assert trained_test["acc_mutual_info"][1] < 0.01, trained_test
     assert all(p >= 0.01 for _, p in random_test.values()), random_test
+
+
+def test_adapter_is_evaluated_on_its_base(trained, eval_cache, tmp_path):
+    """An adapter directory scores as the same adapter merged into its base (so the adapter is applied)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from distrib.downstream import evaluate_model
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(trained / "hf", dtype=torch.float32)
+    lora = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    lora.save_pretrained(tmp_path / "adapter")  # base_model_name_or_path: the trained hf/
+    lora.merge_and_unload().save_pretrained(tmp_path / "merged")
+    AutoTokenizer.from_pretrained(trained / "hf").save_pretrained(tmp_path / "merged")
+
+    tasks = [NEXTLINE, "distrib_instruct_response"]
+    adapter = evaluate_model(tmp_path / "adapter", tasks, limit=20, cache_root=eval_cache)
+    merged = evaluate_model(tmp_path / "merged", tasks, limit=20, write=False, cache_root=eval_cache)
+    plain = evaluate_model(trained / "hf", tasks, limit=20, write=False, cache_root=eval_cache)["results"]
+    assert adapter["peft"] == str(tmp_path / "adapter") and adapter["model"] == str(trained / "hf")
+    assert (tmp_path / "adapter" / "eval.json").is_file()
+    bpb = "bits_per_byte,none"
+    got, want = adapter["results"]["distrib_instruct_response"][bpb], merged["results"]["distrib_instruct_response"][bpb]
+    assert got == pytest.approx(want, rel=1e-4)
+    assert got != pytest.approx(plain["distrib_instruct_response"][bpb], rel=1e-3)
