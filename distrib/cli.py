@@ -199,6 +199,9 @@ def _train(args, cfg) -> int:
     from distrib.utils import StopRequest
 
     stop = StopRequest()
+    from distrib.utils import die_with_launcher
+
+    die_with_launcher()
     env.export()
     from distrib.utils import quiet_other_ranks
 
