@@ -36,7 +36,6 @@ from distrib.config import ConfigError
 RESULT_FILE = "eval.json"
 
 _OFFLINE = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
-_WORLD_SIZE_VARS = ("WORLD_SIZE", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
 
 
 @dataclass(frozen=True)
@@ -111,11 +110,19 @@ def _force_offline() -> None:
 
 
 def _check_one_process() -> None:
-    for name in _WORLD_SIZE_VARS:
-        size = os.environ.get(name, "")
-        if size.isdigit() and int(size) > 1:
-            raise ConfigError(f"distrib eval runs on one process, but this is one of {size} ranks ({name}); "
-                              "run it outside the launcher: distrib eval MODEL_DIR")
+    """Refuse to be one of several ranks (torchrun, srun, mpirun): each would evaluate the whole model alone.
+
+    An sbatch batch shell is one process, whatever its allocation's task count.
+    """
+    from launch.env import LaunchEnvError, world_size_hint
+
+    try:
+        size = world_size_hint()
+    except LaunchEnvError as e:
+        raise ConfigError(str(e)) from None
+    if size is not None and size > 1:
+        raise ConfigError(f"distrib eval runs on one process, but this is one of {size} ranks started by a launcher; "
+                          "run it outside the launcher: distrib eval MODEL_DIR")
 
 
 def task_manager(tasks: list[str] | None, cache_root: str | Path | None = None):

@@ -66,8 +66,8 @@ def test_adapter_without_its_base(tmp_path, cache):
 
 def test_several_ranks_refused(tmp_path, cache):
     model = fake_model(tmp_path / "hf")
-    msg = refused(cache, str(model), env={"WORLD_SIZE": "2"})
-    assert msg.startswith("distrib eval runs on one process, but this is one of 2 ranks (WORLD_SIZE)")
+    msg = refused(cache, str(model), env={"RANK": "0", "WORLD_SIZE": "2"})
+    assert msg.startswith("distrib eval runs on one process, but this is one of 2 ranks started by a launcher")
 
 
 def test_bad_limit(tmp_path, cache):
