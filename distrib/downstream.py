@@ -125,7 +125,7 @@ def _check_one_process() -> None:
                           "run it outside the launcher: distrib eval MODEL_DIR")
 
 
-def task_manager(tasks: list[str] | None, cache_root: str | Path | None = None):
+def task_manager(tasks: str | list[str] | None, cache_root: str | Path | None = None):
     """``(task names, lm_eval TaskManager)`` with the shipped tasks registered; unknown names refused in one line.
 
     lm-eval's own task index (thousands of YAMLs, seconds to read) is only loaded when a requested
@@ -133,6 +133,8 @@ def task_manager(tasks: list[str] | None, cache_root: str | Path | None = None):
     """
     from distrib.eval_tasks import TAG, TASKS, task_dir
 
+    if isinstance(tasks, str):
+        tasks = tasks.split(",")
     names = list(tasks) if tasks else list(TASKS)
     if not names or any(not n.strip() for n in names):
         raise ConfigError(f"--tasks: empty task name in {','.join(names)!r}; the shipped tasks are {', '.join(TASKS)}")
@@ -150,13 +152,13 @@ def task_manager(tasks: list[str] | None, cache_root: str | Path | None = None):
     return names, manager
 
 
-def evaluate_model(model_dir: str | Path, tasks: list[str] | None = None, limit: int | float | None = None,
+def evaluate_model(model_dir: str | Path, tasks: str | list[str] | None = None, limit: int | float | None = None,
                    batch_size: int = 16, write: bool = True, cache_root: str | Path | None = None) -> dict:
     """Evaluate the model of ``model_dir`` (see :func:`resolve_model`) with lm-eval, offline.
 
     Args:
         model_dir: a Hugging Face directory, a distrib run directory or a peft adapter directory.
-        tasks: lm-eval task names (or patterns); default: the shipped tasks.
+        tasks: lm-eval task names (or patterns), a list or comma-separated; default: the shipped tasks.
         limit: at most this many documents per task (a fraction below 1 is a share), as lm-eval's ``limit``.
         batch_size: requests per forward pass.
         write: write the returned record to ``model_dir/eval.json``.
