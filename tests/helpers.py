@@ -48,6 +48,19 @@ def run_distrib(*args: str, nproc: int | None = None, timeout: float = 600, chec
     return proc
 
 
+def run_probe(script: str, report: Path, config: str, args, nproc: int) -> dict:
+    """Run a probe script (a stage run in-process that reports what the tests check) and read its report."""
+    if nproc == 1:
+        cmd = [sys.executable, script, str(report), config, *args]
+    else:
+        cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc-per-node", str(nproc), script, str(report),
+               config, *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    return json.loads(Path(report).read_text())
+
+
 def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 

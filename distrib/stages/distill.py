@@ -71,7 +71,7 @@ class DistillStage:
                 does not exist, a layer map naming a layer a model lacks, or widths that cannot be compared.
         """
         from distrib.base import resolve_model_dir
-        from distrib.distill import make_projections, resolve_layer_map  # noqa: F401 (checks below)
+        from distrib.distill import resolve_layer_map
 
         if not cfg.teacher:
             raise ConfigError("distill needs teacher: a distrib run directory (e.g. runs/finetune-tiny-lora), a "

@@ -4,15 +4,13 @@ fp32 so that layouts compare to a few ulps and the teacher's weights compare bit
 """
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
 
-from tests.helpers import ROOT, SMALL, export_matches_final_eval, losses, metrics, run_distrib
+from tests.helpers import ROOT, SMALL, export_matches_final_eval, losses, metrics, run_distrib, run_probe
 
 pytestmark = pytest.mark.slow
 
@@ -43,13 +41,7 @@ def run(*args, nproc=None, **kw):
 
 
 def probe(tmp_path, args, nproc=2) -> dict:
-    report = tmp_path / "report.json"
-    cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc-per-node", str(nproc), PROBE, str(report), DISTILL,
-           *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
-                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-6000:]
-    return json.loads(report.read_text())
+    return run_probe(PROBE, tmp_path / "report.json", DISTILL, args, nproc)
 
 
 @pytest.fixture(scope="module")

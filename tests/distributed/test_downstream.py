@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, TINY, run_distrib
+from tests.helpers import ROOT
 
 pytestmark = pytest.mark.slow
 
@@ -20,11 +20,9 @@ METRICS = ("acc", "acc_norm", "acc_mutual_info")
 
 
 @pytest.fixture(scope="session")
-def trained(tmp_path_factory):
-    """configs/pretrain/tiny.yaml as shipped (200 steps on the code corpus, 2 processes), about 80 s."""
-    out = tmp_path_factory.mktemp("pretrain-tiny")
-    run_distrib(f"output_dir={out}", "metrics.progress_bar=false", nproc=2, config=TINY)
-    return out
+def trained(tiny_pretrained):
+    """configs/pretrain/tiny.yaml as shipped (200 steps on the code corpus, 2 processes): the session's one."""
+    return tiny_pretrained
 
 
 @pytest.fixture(scope="session")

@@ -4,15 +4,13 @@ fp32 so that layouts compare to a few ulps and frozen weights compare bitwise.
 """
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from tests.helpers import ROOT, TINY, losses, metrics, run_distrib, small
+from tests.helpers import TINY, losses, metrics, run_distrib, run_probe, small
 
 pytestmark = pytest.mark.slow
 
@@ -30,16 +28,7 @@ def _ft(out, cache, base, *extra):
 
 
 def probe(tmp_path, args, nproc) -> dict:
-    report = tmp_path / f"report-{nproc}.json"
-    if nproc == 1:
-        cmd = [sys.executable, PROBE, str(report), TINY, *args]
-    else:
-        cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc-per-node", str(nproc), PROBE, str(report), TINY,
-               *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
-                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-6000:]
-    return json.loads(report.read_text())
+    return run_probe(PROBE, tmp_path / f"report-{nproc}.json", TINY, args, nproc)
 
 
 @pytest.fixture(scope="module")

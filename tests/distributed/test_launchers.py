@@ -191,23 +191,33 @@ def test_mpirun_2_ranks_trains_to_completion_with_the_losses_of_nproc_per_node_2
         proc.kill()
 
 
-def test_mpirun_runs_the_finetune_stage_like_the_elastic_agent(tmp_path, data_cache, base):
-    """Every stage launches the same way: a LoRA fine-tune under mpirun equals one under --nproc-per-node 2."""
+@pytest.mark.parametrize("stage", ["finetune", "distill"])
+def test_mpirun_runs_every_stage_like_the_elastic_agent(tmp_path, data_cache, base, stage):
+    """Every stage launches the same way: a LoRA fine-tune, a distillation under mpirun equal the same under
+    --nproc-per-node 2."""
     mpirun = _mpirun()
     if mpirun is None:
         pytest.skip("no mpirun next to sys.executable nor on PATH (pip install mpich mpi4py)")
     version = subprocess.run([mpirun, "--version"], capture_output=True, text=True, timeout=30).stdout
     launcher_args = ["-launcher", "fork"] if "HYDRA" in version else (
         ["--allow-run-as-root"] if "Open MPI" in version and os.geteuid() == 0 else [])
-    ft = ("data.name=prose", f"init_from={base}", "finetune.lora.rank=4", "parallel.zero_stage=3")
+    if stage == "finetune":
+        config, ft = TINY, ("data.name=prose", f"init_from={base}", "finetune.lora.rank=4", "parallel.zero_stage=3")
+    else:  # a student cut from the base's second block, partitioned with its teacher by ZeRO-3
+        config = str(ROOT / "configs/distill/tiny.yaml")
+        ft = ("data.name=prose", f"teacher={base}", "student.init_from_teacher_layers=[1]", "parallel.zero_stage=3")
+
+    def args(out):
+        return [a for a in small(out, data_cache, *ft) if stage == "finetune" or not a.startswith("model.")]
+
     agent, mpi = tmp_path / "agent", tmp_path / "mpi"
-    run_distrib(*small(agent, data_cache, *ft), nproc=2, stage="finetune")
-    cmd = [mpirun, *launcher_args, "-np", "2", sys.executable, "-m", "distrib", "finetune", TINY,
-           *small(mpi, data_cache, *ft)]
+    run_distrib(*args(agent), nproc=2, stage=stage, config=config)
+    cmd = [mpirun, *launcher_args, "-np", "2", sys.executable, "-m", "distrib", stage, config, *args(mpi)]
     proc = Proc(cmd, tmp_path / "logs", "mpirun", env=_env(MASTER_PORT=str(_free_port())))
     try:
         _run_all([proc])
-        assert (mpi / "adapter" / "adapter_model.safetensors").is_file(), proc.tail()
+        assert (mpi / ("adapter/adapter_model.safetensors" if stage == "finetune" else "hf/model.safetensors")).is_file(), \
+            proc.tail()
         assert losses(mpi) == losses(agent)
     finally:
         proc.kill()
