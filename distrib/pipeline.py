@@ -50,7 +50,7 @@ from distrib.config import ConfigError, _parse_yaml, load_config, parse_override
 #: Where the embedded default lives (the repository's configs/, beside the package).
 DEFAULT_PIPELINE = Path(__file__).resolve().parents[1] / "configs" / "pipeline" / "default.yaml"
 ORDER = ("pretrain", "finetune", "distill")
-_PIPELINE_KEYS = ("output_dir", "nproc_per_node")
+_PIPELINE_KEYS = ("output_dir", "nproc_per_node", "downstream")
 _STAGE_KEYS = ("config", "overrides")
 
 
@@ -67,6 +67,8 @@ class Pipeline:
     output_dir: Path
     nproc_per_node: int
     stages: list[StagePlan]
+    #: lm-eval on every stage's model at the end ({"tasks": ..., "limit": ...}); None: not run
+    downstream: dict | None = field(default_factory=dict)
 
 
 def _suggest(word: str, choices) -> str:
@@ -107,9 +109,16 @@ def load_pipeline(path: str | Path | None, overrides: list[str] = (), nproc_per_
     per_stage: dict[str, list[str]] = {name: [] for name in ORDER}
     output_dir = raw.get("output_dir", "runs/pipeline")
     nproc = raw.get("nproc_per_node", 1)
+    downstream = raw.get("downstream", {})
     for item in overrides:
         keys, value = parse_override(item)
-        if keys[0] == "output_dir" and len(keys) == 1:
+        if keys[0] == "downstream":
+            if len(keys) == 1:
+                downstream = value
+            else:
+                downstream = dict(downstream) if isinstance(downstream, dict) else {}
+                downstream[".".join(keys[1:])] = value
+        elif keys[0] == "output_dir" and len(keys) == 1:
             output_dir = value
         elif keys[0] == "nproc_per_node" and len(keys) == 1:
             nproc = value
@@ -131,6 +140,13 @@ def load_pipeline(path: str | Path | None, overrides: list[str] = (), nproc_per_
     if not isinstance(output_dir, str) or not output_dir:
         raise ConfigError(f"output_dir={output_dir!r} must be a directory path")
     out = Path(output_dir)
+    if downstream is True or downstream is None:
+        downstream = {}
+    if downstream is False:
+        downstream = None
+    if downstream is not None and (not isinstance(downstream, dict) or set(downstream) - {"tasks", "limit"}):
+        raise ConfigError(f"downstream={downstream!r} must be false (no evaluation) or a mapping with tasks (lm-eval "
+                          "task names) and limit (items per task), e.g. downstream.limit=100")
 
     stages: list[StagePlan] = []
     for name in ORDER:
@@ -177,7 +193,7 @@ def load_pipeline(path: str | Path | None, overrides: list[str] = (), nproc_per_
             cfg.check_world(nproc)
         except ConfigError as e:
             raise ConfigError(f"{stage.name}: {e}") from None
-    return Pipeline(out, nproc, stages)
+    return Pipeline(out, nproc, stages, downstream)
 
 
 def _finished(stage: StagePlan) -> int | None:
@@ -215,6 +231,12 @@ def run_pipeline(p: Pipeline, say=print) -> int:
                 say(f"distrib run: {stage.name} stopped with exit code {code}; fix the cause and run the same "
                     "command again: finished stages are skipped, this one resumes")
                 return code
+        if p.downstream is not None:
+            from distrib.downstream import evaluate_model
+
+            for stage in p.stages:  # each stage's model on the same tasks; eval.json beside its run
+                say(f"distrib run: {stage.name}: downstream evaluation (lm-eval)")
+                evaluate_model(stage.output_dir, tasks=p.downstream.get("tasks"), limit=p.downstream.get("limit"))
         from distrib.report import format_markdown, write_report
 
         summary = write_report(p.output_dir)

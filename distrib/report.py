@@ -262,7 +262,48 @@ def summarize_stage(name: str, run: Path, measure_speed: bool = True) -> dict:
     }
     if cfg.get("teacher"):
         summary["distill"] = _distill_summary(cfg, run, rows, summary["total_params"], hf, measure_speed)
+    downstream = read_downstream(run)
+    if downstream is not None:
+        summary["downstream"] = downstream
     return summary
+
+
+#: The score a downstream table shows for a task: the first of these metrics it has.
+HEADLINE_METRICS = ("acc_mutual_info", "acc", "bits_per_byte", "word_perplexity")
+
+
+def read_downstream(run: Path) -> dict | None:
+    """``{task: {metric: value}}`` from the run's ``eval.json`` (``distrib eval``), numbers only; None without one."""
+    try:
+        record = json.loads((run / "eval.json").read_text())
+        results = record["results"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    out: dict[str, dict[str, float]] = {}
+    for task, metrics in (results.items() if isinstance(results, dict) else ()):
+        scores = {k.split(",")[0]: v for k, v in metrics.items()
+                  if "," in k and "_stderr" not in k and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if scores:
+            out[task] = scores
+    return out or None
+
+
+def downstream_table(summary: dict) -> list[str]:
+    """Markdown lines: every stage's model on the same tasks (one headline metric per task), or nothing."""
+    stages = [s for s in summary["stages"] if s.get("downstream")]
+    if not stages:
+        return []
+    tasks = sorted({t for s in stages for t in s["downstream"]})
+    metric = {t: next((m for s in stages for m in HEADLINE_METRICS if m in s["downstream"].get(t, {})), None)
+              for t in tasks}
+    tasks = [t for t in tasks if metric[t]]
+    head = ["stage", *(f"{t} ({metric[t]})" for t in tasks)]
+    lines = ["", "Downstream (lm-eval; `distrib eval`), each stage's model on the same tasks:", "",
+             "| " + " | ".join(head) + " |", "|" + "|".join(" --- " if i == 0 else " ---: " for i in range(len(head))) + "|"]
+    for s in stages:
+        cells = [s["stage"]] + [_fmt(s["downstream"].get(t, {}).get(metric[t]), ".4g") for t in tasks]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 # -- writing the report ------------------------------------------------------------------------
@@ -321,6 +362,7 @@ def format_markdown(summary: dict) -> str:
     for s in summary["stages"]:
         if "distill" in s:
             lines += ["", comparison_line(s)]
+    lines += downstream_table(summary)
     return "\n".join(lines) + "\n"
 
 
@@ -351,11 +393,13 @@ def _plot(summary: dict, run_dir: Path, key: str, title: str, ylabel: str, filen
         rows = read_metrics(Path(stage["run_dir"]))
         train = _series(rows, key)
         if train:
-            ax.plot(*zip(*train), label="train" if eval_key else None, color="tab:blue", linewidth=1.5)
+            label = "train (distillation loss)" if "distill" in stage else "train"
+            ax.plot(*zip(*train), label=label if eval_key else None, color="tab:blue", linewidth=1.5)
         if eval_key:
             val = _series(rows, eval_key)
             if val:
-                ax.plot(*zip(*val), "o-", label="validation", color="tab:orange", linewidth=1.5, markersize=4)
+                label = "validation (next-token loss)" if "distill" in stage else "validation"
+                ax.plot(*zip(*val), "o-", label=label, color="tab:orange", linewidth=1.5, markersize=4)
             teacher = _series(rows, f"{eval_key}/teacher")
             if teacher:
                 ax.plot(*zip(*teacher), "s--", label="teacher (validation)", color="tab:gray", markersize=3)

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 STEPS = ["pretrain.train.max_steps=60", "pretrain.train.warmup_steps=6", "finetune.train.max_steps=24",
          "finetune.train.warmup_steps=4", "distill.train.max_steps=24", "distill.train.warmup_steps=4",
-         "eval.every_steps=8", "checkpoint.every_steps=8", "metrics.progress_bar=false"]
+         "eval.every_steps=8", "checkpoint.every_steps=8", "metrics.progress_bar=false", "downstream.limit=20"]
 
 
 def _run(out: Path, cache: Path, **kw) -> subprocess.Popen:
@@ -48,7 +48,9 @@ def test_pipeline_killed_during_finetuning_finishes_on_rerun_without_redoing_pre
     log = second.communicate(timeout=900)[0]
     assert second.returncode == 0, log[-6000:]
     assert "distrib run: pretrain finished at step 60" in log and "skipped" in log
-    assert _fingerprint(out / "pretrain") == pretrain_before  # pretraining was not redone, not even touched
+    after = _fingerprint(out / "pretrain")
+    after.pop("eval.json")  # the downstream evaluation at the end adds its scores beside the run
+    assert after == pretrain_before  # pretraining was not redone: every file of it the same bytes, same mtime
     assert "resumed from" in log  # fine-tuning carried on from its checkpoint
     steps = [r["step"] for r in metrics(out / "finetune") if "loss" in r]
     assert steps == sorted(set(steps)) and steps[-1] == 24
@@ -73,6 +75,15 @@ def test_pipeline_killed_during_finetuning_finishes_on_rerun_without_redoing_pre
     assert d["student"]["params"] < d["teacher"]["params"]
     assert dist["final_val_loss"] < d["teacher"]["val_loss"] + 0.3  # the student within 0.3 nats of its teacher
     assert d["generation_speedup"] > 0  # measured, not asserted faster: a busy machine skews a tiny model's timing
+
+    # The downstream table: every stage's model on the same shipped lm-eval tasks.
+    import math
+
+    tasks = {"distrib_code_ppl", "distrib_prose_ppl", "distrib_code_nextline", "distrib_instruct_response"}
+    for s in stages.values():
+        assert set(s["downstream"]) == tasks and (Path(s["run_dir"]) / "eval.json").is_file()
+        assert all(math.isfinite(v) for scores in s["downstream"].values() for v in scores.values())
+    assert "distrib_code_nextline (acc_mutual_info)" in (out / "summary.md").read_text()
 
     from transformers import AutoModelForCausalLM
 
