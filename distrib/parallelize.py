@@ -35,18 +35,34 @@ def _deep_merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def deepspeed_config(cfg: Config, world_size: int, *, load_universal: bool = False) -> dict[str, Any]:
-    """The DeepSpeed JSON config generated from ours; ``cfg.deepspeed`` is merged over it last."""
+def deepspeed_config(cfg: Config, world_size: int, *, load_universal: bool = False,
+                     accelerator: str | None = None) -> dict[str, Any]:
+    """The DeepSpeed JSON config generated from ours; ``cfg.deepspeed`` is merged over it last.
+
+    Settings that only pay on a GPU depend on the accelerator (``accelerator``: its name, by default
+    DeepSpeed's current one): on CUDA and other devices, communication overlaps the backward pass,
+    offloaded state is pinned for fast copies, and ZeRO-3 keeps DeepSpeed's default persistence
+    threshold (small parameters stay whole, saving a gather each); on the CPU, where there is no copy
+    engine to overlap and pinning only costs, all three are off and every parameter is partitioned.
+    Any of them can be set under ``deepspeed.zero_optimization``.
+    """
+    if accelerator is None:
+        from deepspeed.accelerator import get_accelerator
+
+        accelerator = get_accelerator().device_name()
+    gpu = accelerator != "cpu"
     t, p = cfg.train, cfg.parallel
     zero: dict[str, Any] = {"stage": p.zero_stage}
     if p.zero_stage >= 1:
-        zero.update(overlap_comm=False, contiguous_gradients=True, reduce_bucket_size=5e7)
+        zero.update(overlap_comm=gpu, contiguous_gradients=True, reduce_bucket_size=5e7)
     if p.zero_stage == 3:
-        zero.update(stage3_param_persistence_threshold=0, stage3_gather_16bit_weights_on_model_save=False)
+        zero.update(stage3_gather_16bit_weights_on_model_save=False)
+        if not gpu:
+            zero["stage3_param_persistence_threshold"] = 0
     if p.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": gpu}
     if p.offload_params:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": False}
+        zero["offload_param"] = {"device": "cpu", "pin_memory": gpu}
     ds: dict[str, Any] = {
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,

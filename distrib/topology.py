@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import threading
-import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -22,6 +21,19 @@ from deepspeed.accelerator import get_accelerator
 
 #: Where a rank can be inside an optimizer step, in order.
 PHASES = ("forward", "backward", "step", "save")
+
+
+def device_index(local_rank: int, visible_devices: int) -> int:
+    """The device this rank uses among those it sees.
+
+    One device per process on a node is the usual layout: ``LOCAL_RANK`` indexes the node's devices.
+    Under Slurm's ``--gpus-per-task=1`` (or any binding that shows each task only its own devices) a
+    task sees fewer devices than the node has ranks, and its device is ``LOCAL_RANK`` modulo what it
+    sees (index 0 when it sees one).
+    """
+    if visible_devices <= 0:
+        return local_rank
+    return local_rank % visible_devices
 
 
 @dataclass
@@ -62,7 +74,7 @@ class Topology:
 
     @property
     def device(self) -> torch.device:
-        return torch.device(get_accelerator().device_name(self.local_rank))
+        return torch.device(get_accelerator().device_name(device_index(self.local_rank, get_accelerator().device_count())))
 
     @classmethod
     def init(cls, tp: int = 1, timeout_minutes: float = 30.0) -> "Topology":
@@ -81,7 +93,7 @@ class Topology:
             )
         world, rank = dist.get_world_size(), dist.get_rank()
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        accel.set_device(local_rank)
+        accel.set_device(device_index(local_rank, accel.device_count()))
         topo = cls(world_size=world, rank=rank, local_rank=local_rank, tp=tp)
         topo.timeout_s = timeout_minutes * 60
         # new_group is collective: every rank creates every group, in the same order. Groups do not
