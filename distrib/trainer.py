@@ -93,6 +93,7 @@ class Trainer:
             (self.out / "config.yaml").write_text(cfg.to_yaml())
             Checkpointer.clean_partial_in(self.out / "checkpoints")
         self.data = prepare_data(cfg.data, cfg.seed)
+        self._check_same_data()
         if topo.is_main:
             self.data.tokenizer.save_pretrained(self.out / "tokenizer")
 
@@ -172,6 +173,31 @@ class Trainer:
             if resume_from is not None:  # rows name the step before it counts: keep those done before step k
                 keep_rows_through(trace, self.state.step - 1)
             self.trace = open(trace, "a" if resume_from is not None else "w", buffering=1)
+
+    def _check_same_data(self) -> None:
+        """Every rank must train on the same data: compare what each prepared before the first step.
+
+        Caches are per node (``data.cache_dir``), and a node whose inputs differ (another corpus version,
+        another tokenizer file) would silently train on other blocks. The ranks compare the cache key,
+        the tokenizer's vocabulary, the block counts and a digest of the first and last blocks.
+
+        Raises:
+            TrainingError: on every rank, naming the first rank that differs from rank 0 and how.
+        """
+        mine = data_identity(self.data)
+        if faults.at("data", self.topo.rank, 0) == "differ":
+            mine["train_blocks"] += 1
+        ranks = [None] * self.topo.world_size
+        dist.all_gather_object(ranks, mine)
+        for r, theirs in enumerate(ranks):
+            diff = [k for k in mine if theirs[k] != ranks[0][k]]
+            if diff:
+                k = diff[0]
+                raise TrainingError(
+                    f"rank {r} prepared other data than rank 0 ({k}: {theirs[k]} vs. {ranks[0][k]}); every rank must "
+                    "train on the same data: give every node the same inputs and tokenizer, or put data.cache_dir on "
+                    "a file system all nodes share"
+                )
 
     def _under_zero_init(self, ds_config: dict, build):
         """``build()``, under ZeRO-3 with transformers building (and loading) models partitioned."""
@@ -428,6 +454,22 @@ class Trainer:
             extra = f" (LoRA adapter in peft's format: {self.out / 'adapter'})" if self.cfg.finetune.lora.enabled else ""
             log_main(f"exported {path.name} to {self.out / 'hf'}{extra}")
         self.topo.barrier()
+
+
+def data_identity(data) -> dict:
+    """What identifies prepared data across ranks: cache key, tokenizer, block counts, a digest of edge blocks."""
+    import hashlib
+
+    import numpy as np
+
+    vocab = hashlib.sha256(json.dumps(sorted(data.tokenizer.get_vocab().items())).encode()).hexdigest()[:16]
+    digest = hashlib.sha256()
+    for split in (data.train, data.validation):
+        digest.update(str(len(split)).encode())
+        for i in sorted({0, len(split) - 1}) if len(split) else ():
+            digest.update(np.asarray(split[i]["input_ids"]).tobytes())
+    return {"fingerprint": data.fingerprint, "tokenizer": vocab, "train_blocks": len(data.train),
+            "validation_blocks": len(data.validation), "blocks": digest.hexdigest()[:16]}
 
 
 def optimizer_state_bytes(optimizer) -> int:

@@ -128,6 +128,16 @@ def test_nonfinite_skip_leaves_the_bad_micro_batch_out_and_trains_on(tmp_path, d
     assert (out / "hf" / "config.json").is_file()
 
 
+def test_ranks_that_prepared_different_data_stop_before_the_first_step_naming_the_rank(tmp_path, data_cache):
+    out = tmp_path / "run"
+    proc = run_distrib(*small(out, data_cache, "parallel.zero_stage=2"), nproc=2, check=False,
+                       env={"DISTRIB_FAULT": "data:differ:1:0"})
+    assert proc.returncode == 1
+    line = _error_line(proc)
+    assert line.startswith("distrib: error: rank 1 prepared other data than rank 0 (train_blocks: ")
+    assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()
+
+
 def test_a_hung_rank_ends_the_job_after_the_timeout_naming_that_rank(tmp_path, data_cache):
     out = tmp_path / "run"
     start = time.monotonic()
