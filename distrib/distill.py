@@ -113,6 +113,19 @@ def projection_key(student_layer: int, teacher_layer: int) -> str:
     return f"s{student_layer}_t{teacher_layer}"
 
 
+def check_widths(student_hidden: int, teacher_hidden: int, layer_map: Sequence | None, cfg: DistillConfig) -> None:
+    """Refuse hidden states that are compared directly (``distill.projection=false``) but differ in width.
+
+    Raises:
+        ConfigError: one line naming both widths.
+    """
+    if layer_map is not None and cfg.projection is False and student_hidden != teacher_hidden:
+        raise ConfigError(
+            f"distill.projection=false, but the student's hidden size {student_hidden} differs from the teacher's "
+            f"{teacher_hidden}, so their hidden states cannot be compared; set distill.projection=true or remove it"
+        )
+
+
 def make_projections(student_hidden: int, teacher_hidden: int, layer_map: Sequence | None, cfg: DistillConfig,
                      seed: int = 0) -> nn.ModuleDict | None:
     """One bias-free ``nn.Linear(student_hidden, teacher_hidden)`` per pair of ``layer_map``, or None if none is needed.
@@ -128,12 +141,8 @@ def make_projections(student_hidden: int, teacher_hidden: int, layer_map: Sequen
     """
     if layer_map is None or cfg.loss.hidden == 0:
         return None
+    check_widths(student_hidden, teacher_hidden, layer_map, cfg)
     differ = student_hidden != teacher_hidden
-    if cfg.projection is False and differ:
-        raise ConfigError(
-            f"distill.projection=false, but the student's hidden size {student_hidden} differs from the teacher's "
-            f"{teacher_hidden}, so their hidden states cannot be compared; set distill.projection=true or remove it"
-        )
     if not (cfg.projection or differ):
         return None
     projections = nn.ModuleDict()

@@ -14,10 +14,10 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-import torch
-from deepspeed.accelerator import get_accelerator
+if TYPE_CHECKING:
+    import torch
 
 
 def measure_peak_tflops(dtype: torch.dtype, size: int = 1024, trials: int = 5, seconds: float = 0.1) -> float:
@@ -26,6 +26,9 @@ def measure_peak_tflops(dtype: torch.dtype, size: int = 1024, trials: int = 5, s
     The best of several short trials, so a moment of contention (another process, a compile) does
     not pass for the device's peak.
     """
+    import torch
+    from deepspeed.accelerator import get_accelerator  # here, not at import: reading metrics needs neither
+
     accel = get_accelerator()
     device = accel.current_device_name()
     gen = torch.Generator(device=device).manual_seed(0)  # leave the training RNG streams untouched
@@ -155,6 +158,24 @@ def default_plain_every(total_steps: int) -> int:
     return max(1, min(10, total_steps // 10))
 
 
+def read_rows(path: Path) -> list[tuple[str, dict]]:
+    """``(line, row)`` for every line of a ``metrics.jsonl`` that parses to a row with an integer ``step``.
+
+    Lines that do not (a crash mid-write tears the last one) are left out. No file: no rows.
+    """
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append((line, row))
+    return rows
+
+
 def keep_rows_through(path: Path, step: int) -> None:
     """Rewrite ``metrics.jsonl`` at ``path`` with only its rows at or before ``step``, in order.
 
@@ -163,14 +184,8 @@ def keep_rows_through(path: Path, step: int) -> None:
     """
     if not path.is_file():
         return
-    kept = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
-            kept.append(line + "\n")  # the original text: kept rows stay byte-identical
+    # the original text: kept rows stay byte-identical
+    kept = [line + "\n" for line, row in read_rows(path) if row["step"] <= step]
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         f.writelines(kept)

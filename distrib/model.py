@@ -149,20 +149,24 @@ def count_parameters(hf_cfg: PretrainedConfig) -> int:
     return sum(p.numel() for p in empty_model(hf_cfg).parameters())
 
 
+def _depth_and_width(hf_cfg: PretrainedConfig) -> tuple[int, int]:
+    """(layers, hidden size) of a Llama-family or GPT-2 config."""
+    return (getattr(hf_cfg, "num_hidden_layers", None) or hf_cfg.n_layer,
+            getattr(hf_cfg, "hidden_size", None) or hf_cfg.n_embd)
+
+
 def flops_per_token(hf_cfg: PretrainedConfig, n_params: int, seq_len: int, trainable: int | None = None) -> float:
     """Training FLOPs per token: 6N for the matmuls plus attention's 12·L·H·T (PaLM appendix B).
 
     With frozen weights (``trainable`` < N) the backward pass still computes input gradients through
     every layer (2N) but weight gradients only for what trains: 2N + 2N + 2·trainable.
     """
-    layers = getattr(hf_cfg, "num_hidden_layers", None) or hf_cfg.n_layer
-    hidden = getattr(hf_cfg, "hidden_size", None) or hf_cfg.n_embd
+    layers, hidden = _depth_and_width(hf_cfg)
     trainable = n_params if trainable is None else min(trainable, n_params)
     return 4.0 * n_params + 2.0 * trainable + 12.0 * layers * hidden * seq_len
 
 
 def forward_flops_per_token(hf_cfg: PretrainedConfig, seq_len: int) -> float:
     """Forward-only FLOPs per token of a model that does not train (a teacher): 2N + 4·L·H·T."""
-    layers = getattr(hf_cfg, "num_hidden_layers", None) or hf_cfg.n_layer
-    hidden = getattr(hf_cfg, "hidden_size", None) or hf_cfg.n_embd
+    layers, hidden = _depth_and_width(hf_cfg)
     return 2.0 * count_parameters(hf_cfg) + 4.0 * layers * hidden * seq_len

@@ -81,18 +81,9 @@ def _stage_of(run: Path) -> str:
 
 def read_metrics(run: Path) -> list[dict]:
     """The rows of ``run/metrics.jsonl`` that parse (a run killed mid-write tears its last line)."""
-    path = run / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and isinstance(row.get("step"), int):
-            rows.append(row)
-    return rows
+    from distrib.metrics import read_rows
+
+    return [row for _, row in read_rows(run / "metrics.jsonl")]
 
 
 def _num(value: Any) -> float | None:

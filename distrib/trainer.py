@@ -223,24 +223,21 @@ class Trainer:
         the optimizer has stepped, its state bytes, measured from the engine)."""
         import torch.distributed as dist
 
-        def local_params(module) -> dict[str, torch.Tensor]:
-            return {n: p.ds_tensor if hasattr(p, "ds_tensor") else p for n, p in module.named_parameters()}
+        def held(engine) -> tuple[dict, dict[str, torch.Tensor]]:
+            """What this rank holds of ``engine``: sizes (its ZeRO-3 shard, not the whole) and optimizer state."""
+            params = dict(engine.module.named_parameters())
+            local = {n: p.ds_tensor if hasattr(p, "ds_tensor") else p for n, p in params.items()}
+            return {"param_numel": sum(t.numel() for t in local.values()),
+                    "param_bytes": sum(t.numel() * t.element_size() for t in local.values()),
+                    "trainable_numel": sum(t.numel() for n, t in local.items() if params[n].requires_grad),
+                    "optimizer_state_bytes": optimizer_state_bytes(engine.optimizer)}, local
 
-        local = local_params(self.engine.module)
-        trainable = {n for n, p in self.engine.module.named_parameters() if p.requires_grad}
-        opt_bytes = optimizer_state_bytes(self.engine.optimizer)
-        mine = {"rank": self.topo.rank, "dp_rank": self.topo.dp_rank, "tp_rank": self.topo.tp_rank,
-                "param_numel": sum(t.numel() for t in local.values()),
-                "param_bytes": sum(t.numel() * t.element_size() for t in local.values()),
-                "trainable_numel": sum(t.numel() for n, t in local.items() if n in trainable),
-                "optimizer_state_bytes": opt_bytes,
+        sizes, local = held(self.engine)
+        opt_bytes = sizes["optimizer_state_bytes"]
+        mine = {"rank": self.topo.rank, "dp_rank": self.topo.dp_rank, "tp_rank": self.topo.tp_rank, **sizes,
                 "params": {n: t.numel() for n, t in local.items()}}
         for name, engine in self.frozen.items():
-            held = local_params(engine.module)
-            mine[name] = {"param_numel": sum(t.numel() for t in held.values()),
-                          "param_bytes": sum(t.numel() * t.element_size() for t in held.values()),
-                          "trainable_numel": sum(t.numel() for n, t in held.items() if t.requires_grad),
-                          "optimizer_state_bytes": optimizer_state_bytes(engine.optimizer)}
+            mine[name] = held(engine)[0]
         ranks = [None] * self.topo.world_size
         dist.all_gather_object(ranks, mine)
         if self.topo.is_main:

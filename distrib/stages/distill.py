@@ -71,7 +71,7 @@ class DistillStage:
                 does not exist, a layer map naming a layer a model lacks, or widths that cannot be compared.
         """
         from distrib.base import resolve_model_dir
-        from distrib.distill import resolve_layer_map
+        from distrib.distill import check_widths, resolve_layer_map
 
         if not cfg.teacher:
             raise ConfigError("distill needs teacher: a distrib run directory (e.g. runs/finetune-tiny-lora), a "
@@ -128,12 +128,7 @@ class DistillStage:
             s_layers, s_width = _layers(s_raw), _width(s_raw)
         else:
             s_layers, s_width = cfg.model.num_layers, cfg.model.hidden_size
-        layer_map = resolve_layer_map(cfg.distill, s_layers, t_layers)
-        if (layer_map is not None and cfg.distill.projection is False and s_width != _width(t_raw)):
-            raise ConfigError(
-                f"distill.projection=false, but the student's hidden size {s_width} differs from the teacher's "
-                f"{_width(t_raw)}, so their hidden states cannot be compared; set distill.projection=true or remove it"
-            )
+        check_widths(s_width, _width(t_raw), resolve_layer_map(cfg.distill, s_layers, t_layers), cfg.distill)
         tp = cfg.parallel.tp
         for key in ("num_attention_heads", "n_head", "num_key_value_heads"):
             n = t_raw.get(key)
