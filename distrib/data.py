@@ -1153,8 +1153,8 @@ def _build(cfg: DataConfig, spec: dict, out: Path) -> None:
             new_fingerprint=f"{out.name}-{split}",  # skips hashing the tokenizer, which is slow
             desc=f"tokenizing {split}",
         )
+        blocks_file = scratch / f"{split}-packed.arrow"
         if pairs:
-            blocks_file = scratch / f"{split}-packed.arrow"
             packed, stats = _pack_examples(tokenized, tokenizer.pad_token_id, cfg.seq_len, blocks_file)
             if len(packed) == 0:
                 raise ConfigError(_no_examples(cfg, split, stats))
@@ -1162,12 +1162,12 @@ def _build(cfg: DataConfig, spec: dict, out: Path) -> None:
             num_tokens = stats["tokens"]
             meta.setdefault("examples", {})[split] = stats
         else:
-            packed, num_tokens = _pack(tokenized, tokenizer.eos_token_id, cfg.seq_len)
+            packed, num_tokens = _pack(tokenized, tokenizer.eos_token_id, cfg.seq_len, blocks_file)
             if len(packed) == 0:
                 raise ConfigError(_too_little_data(cfg, split, num_tokens))
         packed.save_to_disk(str(out / split))
         meta["documents"][split], meta["blocks"][split], meta["tokens"][split] = len(docs), len(packed), num_tokens
-        del tokenized, packed  # the packed examples are memory-mapped from scratch, deleted next
+        del tokenized, packed  # the blocks are memory-mapped from scratch, deleted next
     shutil.rmtree(scratch, ignore_errors=True)
     shutil.rmtree(hf_cache, ignore_errors=True)
     (out / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
@@ -1242,32 +1242,99 @@ def _encode(batch: dict, tokenizer: PreTrainedTokenizerFast) -> dict:
     return {"input_ids": ids}
 
 
-def _pack(tokenized: Dataset, eos_id: int, seq_len: int) -> tuple[Dataset, int]:
+#: Tokens per piece of the packed stream that :func:`_pack` holds at once (its working arrays take
+#: about 10 bytes a token, so some 10 MB whatever the corpus size), and documents per slice of the
+#: tokenized column whose offsets it reads at once.
+_STREAM_CHUNK_TOKENS = 1 << 20
+_STREAM_CHUNK_DOCS = 1 << 16
+
+
+def _stream_pieces(tokenized: Dataset, eos_id: int, limit: int) -> Iterator[np.ndarray]:
+    """The packed token stream of ``tokenized`` (each document's ids, then eos) as int32 pieces.
+
+    The pieces concatenate to exactly the stream of the whole column; each holds at most about
+    ``limit`` tokens: whole documents while they fit, and a document longer than ``limit`` alone,
+    cut into ``limit``-sized pieces (its eos ends the last one). The column is read a slice of
+    documents at a time, so neither its ids nor its offsets are ever copied whole.
+    """
+    limit = max(1, limit)
+    for chunk in tokenized.data.column("input_ids").chunks:
+        for first in range(0, len(chunk), _STREAM_CHUNK_DOCS):
+            part = chunk.slice(first, _STREAM_CHUNK_DOCS)
+            offsets = part.offsets.to_numpy().astype(np.int64)  # into part.values, which a slice does not cut
+            values = part.values
+            ends = offsets[1:] - offsets[0] + np.arange(1, len(part) + 1)  # stream end of each document
+            i = 0
+            while i < len(part):
+                done = ends[i - 1] if i else 0
+                j = max(i + 1, int(np.searchsorted(ends, done + limit, side="right")))
+                lo, hi = int(offsets[i]), int(offsets[j])
+                if j == i + 1 and hi - lo + 1 > limit:  # one long document: its ids in pieces, eos last
+                    for start in range(lo, hi, limit):
+                        ids = values.slice(start, min(limit, hi - start)).to_numpy(zero_copy_only=False)
+                        piece = ids.astype(np.int32)
+                        if start + limit >= hi:
+                            piece = np.append(piece, np.int32(eos_id))
+                        yield piece
+                else:
+                    ids = values.slice(lo, hi - lo).to_numpy(zero_copy_only=False)
+                    piece = np.empty(hi - lo + j - i, dtype=np.int32)
+                    is_eos = np.zeros(len(piece), dtype=bool)
+                    is_eos[ends[i:j] - done - 1] = True  # one slot after each document
+                    piece[is_eos] = eos_id
+                    piece[~is_eos] = ids
+                    yield piece
+                i = j
+
+
+def _pack(tokenized: Dataset, eos_id: int, seq_len: int, path: Path | None = None) -> tuple[Dataset, int]:
     """Concatenate every document's ids followed by eos, cut into blocks of exactly ``seq_len``.
 
-    Packing is one sequential numpy pass over the tokenized column, after (not inside) the
+    Packing is one sequential pass over the tokenized column, after (not inside) the
     multi-process ``map``: ``map(num_proc=n)`` splits the data into n contiguous shards, so packing
     per map batch would place block boundaries (and drop remainders) differently for each n.
     A single pass makes the blocks a function of the documents only; the one remainder shorter
-    than ``seq_len`` at the end is dropped. The packed stream is held in memory (4 bytes a token).
+    than ``seq_len`` at the end is dropped.
+
+    It streams, so memory does not grow with the corpus: the stream comes in pieces of about
+    ``_STREAM_CHUNK_TOKENS`` tokens (:func:`_stream_pieces`), the tokens short of a whole block at
+    the end of a piece are carried over to the next, and with ``path`` the blocks go to an Arrow
+    file there as they are cut (memory mapped back at the end). The blocks are the same for any
+    piece size.
+
+    Args:
+        tokenized: column ``input_ids``, one list of ids per document.
+        eos_id: the id put after each document.
+        seq_len: the block length.
+        path: where to write the blocks; ``None`` keeps them in memory (for small data and tests).
 
     Returns:
         the blocks (column ``input_ids``, int32) and the number of tokens in the stream.
     """
-    streams = []
-    for chunk in tokenized.data.column("input_ids").chunks:
-        lengths = pc.list_value_length(chunk).to_numpy(zero_copy_only=False).astype(np.int64)
-        values = chunk.flatten().to_numpy(zero_copy_only=False)
-        stream = np.empty(len(values) + len(lengths), dtype=np.int32)
-        is_eos = np.zeros(len(stream), dtype=bool)
-        is_eos[np.cumsum(lengths + 1) - 1] = True  # one slot after each document
-        stream[is_eos] = eos_id
-        stream[~is_eos] = values
-        streams.append(stream)
-    stream = np.concatenate(streams) if streams else np.empty(0, dtype=np.int32)
-    usable = len(stream) // seq_len * seq_len
-    blocks = pa.FixedSizeListArray.from_arrays(pa.array(stream[:usable]), seq_len)
-    return Dataset(InMemoryTable(pa.table({"input_ids": blocks}))), len(stream)
+    schema = pa.schema([("input_ids", pa.list_(pa.int32(), seq_len))])
+    sink = pa.ipc.new_stream(str(path), schema) if path is not None else None
+    batches = []
+    carry = np.empty(0, dtype=np.int32)  # the tokens after the last whole block so far, fewer than seq_len
+    num_tokens = 0
+    try:
+        for piece in _stream_pieces(tokenized, eos_id, _STREAM_CHUNK_TOKENS):
+            num_tokens += len(piece)
+            stream = np.concatenate([carry, piece]) if len(carry) else piece
+            usable = len(stream) // seq_len * seq_len
+            if usable:
+                blocks = pa.FixedSizeListArray.from_arrays(pa.array(stream[:usable]), seq_len)
+                batch = pa.RecordBatch.from_arrays([blocks], schema=schema)
+                if sink is not None:
+                    sink.write_batch(batch)
+                else:
+                    batches.append(batch)
+            carry = stream[usable:].copy()  # a copy, so the piece itself can be freed
+    finally:
+        if sink is not None:
+            sink.close()
+    if path is not None:
+        return Dataset.from_file(str(path)), num_tokens
+    return Dataset(InMemoryTable(pa.Table.from_batches(batches, schema=schema))), num_tokens
 
 
 #: The tokenized prompt/response examples: the ids of prompt, response and eos, and the prompt's length.

@@ -1,0 +1,64 @@
+"""Preparing text data in bounded memory: the streaming packer, and ``distrib prepare-data``.
+
+The packer must cut exactly the blocks of the plain definition (every document's ids then eos,
+back to back, cut into ``seq_len`` blocks, the short remainder dropped) whatever the size of the
+pieces it streams in; tiny piece sizes force every boundary case into a few dozen tokens.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from datasets import Dataset
+
+from distrib import data
+
+
+def reference_blocks(docs: list[list[int]], eos: int, seq_len: int) -> tuple[list[list[int]], int]:
+    stream = [t for doc in docs for t in [*doc, eos]]
+    usable = len(stream) // seq_len * seq_len
+    return [stream[i : i + seq_len] for i in range(0, usable, seq_len)], len(stream)
+
+
+def tokenized(docs: list[list[int]]) -> Dataset:
+    return Dataset.from_dict({"input_ids": docs}, features=data.Features({"input_ids": data.List(data.Value("int32"))}))
+
+
+AWKWARD = {
+    "empty documents": [[], [1, 2], [], [], [3]],
+    "a document longer than several blocks": [[1], list(range(10, 47)), [2, 3]],
+    "only a long document": [list(range(5, 30))],
+    "shorter than one block": [[1], [2]],
+    "no documents": [],
+    "exact fit": [[1, 2, 3], [4, 5, 6]],
+}
+
+
+@pytest.mark.parametrize("piece", [1, 3, 8, 1 << 20])
+@pytest.mark.parametrize("docs_per_slice", [1, 1 << 16])
+@pytest.mark.parametrize("name", list(AWKWARD))
+def test_streaming_pack_equals_the_reference_for_any_piece_size(name, piece, docs_per_slice, monkeypatch, tmp_path):
+    monkeypatch.setattr(data, "_STREAM_CHUNK_TOKENS", piece)
+    monkeypatch.setattr(data, "_STREAM_CHUNK_DOCS", docs_per_slice)
+    docs = AWKWARD[name]
+    expected, expected_tokens = reference_blocks(docs, eos=0, seq_len=4)
+    for path in (None, tmp_path / "blocks.arrow"):
+        blocks, num_tokens = data._pack(tokenized(docs), eos_id=0, seq_len=4, path=path)
+        assert [list(b) for b in blocks["input_ids"]] == expected
+        assert num_tokens == expected_tokens
+        assert blocks.features["input_ids"].feature.dtype == "int32"
+
+
+def test_streaming_pack_equals_the_reference_on_random_documents(monkeypatch, tmp_path):
+    rng = np.random.default_rng(0)
+    lengths = rng.choice([0, 1, 3, 7, 30, 200], size=300)
+    docs = [rng.integers(1, 1000, size=int(n)).tolist() for n in lengths]
+    expected, expected_tokens = reference_blocks(docs, eos=0, seq_len=16)
+    monkeypatch.setattr(data, "_STREAM_CHUNK_TOKENS", 37)  # piece boundaries inside blocks and documents
+    monkeypatch.setattr(data, "_STREAM_CHUNK_DOCS", 11)
+    # Several Arrow chunks, as map writes them, and a sliced column (offsets not starting at 0).
+    chunked = data.concatenate_datasets([tokenized(docs[:100]), tokenized(docs[100:250]), tokenized(docs[250:])])
+    for ds in (chunked, tokenized([[9, 9]] + docs).select(range(1, len(docs) + 1))):
+        blocks, num_tokens = data._pack(ds, eos_id=0, seq_len=16, path=tmp_path / "blocks.arrow")
+        assert [list(b) for b in blocks["input_ids"]] == expected
+        assert num_tokens == expected_tokens
