@@ -1480,6 +1480,14 @@ def _load(path: Path, key: str) -> PreparedData:
 # -- sampling ----------------------------------------------------------------------------------
 
 
+#: Datasets of at most this many blocks are shuffled by numpy's exact permutation (8 bytes a block,
+#: 128 MiB here); larger ones by a keyed bijection computed per index (:class:`GlobalBatchSampler`).
+_EXACT_PERMUTATION_MAX = 1 << 24
+
+#: Rounds of the Feistel network of the large-data shuffle: four make a keyed pseudo-random permutation.
+_FEISTEL_ROUNDS = 4
+
+
 class GlobalBatchSampler:
     """Which samples each rank reads at each optimizer step, from a global sample position.
 
@@ -1491,6 +1499,21 @@ class GlobalBatchSampler:
     Within a step, micro-step ``a`` on data-parallel rank ``r`` reads the ``micro_batch``
     positions starting at ``s*G + (a*dp_size + r)*micro_batch``; over all ranks and micro-steps
     that is exactly the step's positions.
+
+    The permutation of an epoch depends on ``(seed, epoch, num_samples)`` only, in one of two ways:
+
+    - up to ``_EXACT_PERMUTATION_MAX`` samples (2**24, some 4e9 tokens of 256-token blocks) it is
+      ``numpy.random.default_rng([seed, epoch]).permutation(num_samples)``, held for the current
+      epoch (8 bytes a sample, at most 128 MiB);
+    - above, holding it would take gigabytes per rank, so it is a keyed bijection of
+      ``[0, num_samples)`` evaluated per index in constant memory: a 4-round Feistel network over
+      the smallest even power of two >= ``num_samples``, whose round keys come from
+      ``default_rng([seed, epoch])``, with cycle walking (an output outside the range is encrypted
+      again until it falls inside, on average fewer than four times) so that it stays a
+      permutation of exactly ``num_samples``.
+
+    Both are permutations, so the contract above holds either way; the threshold only decides the
+    order, and every dataset that existed below it keeps its order.
 
     Args:
         num_samples: dataset length.
@@ -1520,8 +1543,13 @@ class GlobalBatchSampler:
         self.dp_rank = dp_rank
         self.seed = seed
         self.accum_steps = global_batch // (micro_batch * dp_size)
-        self._epoch: int | None = None  # only the current epoch's permutation is kept
+        self.exact = num_samples <= _EXACT_PERMUTATION_MAX
+        self._epoch: int | None = None  # only the current epoch's permutation (or round keys) is kept
         self._perm: np.ndarray | None = None
+        self._keys: np.ndarray | None = None
+        half_bits = (max(1, (int(num_samples) - 1).bit_length()) + 1) // 2  # each half of an even power of two
+        self._half_bits = np.uint64(half_bits)
+        self._half_mask = np.uint64((1 << half_bits) - 1)
 
     def positions(self, step: int) -> range:
         """The global sample positions of optimizer step ``step``."""
@@ -1533,12 +1561,17 @@ class GlobalBatchSampler:
         batches = []
         for a in range(self.accum_steps):
             first = start + (a * self.dp_size + self.dp_rank) * self.micro_batch
-            positions = range(first, first + self.micro_batch)
-            batches.append(np.array([self.dataset_index(p) for p in positions], dtype=np.int64))
+            if self.exact:
+                positions = range(first, first + self.micro_batch)
+                batches.append(np.array([self.dataset_index(p) for p in positions], dtype=np.int64))
+            else:
+                batches.append(self._indices(first, self.micro_batch))
         return batches
 
     def dataset_index(self, position: int) -> int:
         """The dataset index read at global sample ``position``."""
+        if not self.exact:
+            return int(self._indices(position, 1)[0])
         epoch, offset = divmod(position, self.num_samples)
         return int(self._permutation(epoch)[offset])
 
@@ -1547,6 +1580,50 @@ class GlobalBatchSampler:
             self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
             self._epoch = epoch
         return self._perm
+
+    def _indices(self, first: int, count: int) -> np.ndarray:
+        """The dataset indices of the positions ``[first, first + count)`` on the large-data path."""
+        out = np.empty(count, dtype=np.int64)
+        position = first
+        while position < first + count:  # an epoch at a time (a micro-batch may straddle two)
+            epoch, offset = divmod(position, self.num_samples)
+            n = min(first + count - position, self.num_samples - offset)
+            offsets = np.arange(offset, offset + n, dtype=np.uint64)
+            out[position - first : position - first + n] = self._bijection(offsets, self._round_keys(epoch))
+            position += n
+        return out
+
+    def _round_keys(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:
+            self._keys = np.random.default_rng([self.seed, epoch]).integers(
+                0, np.iinfo(np.uint64).max, size=_FEISTEL_ROUNDS, dtype=np.uint64, endpoint=True
+            )
+            self._epoch = epoch
+        return self._keys
+
+    def _bijection(self, x: np.ndarray, keys: np.ndarray) -> np.ndarray:
+        """The permutation of ``[0, num_samples)`` at the (uint64) offsets ``x``: Feistel rounds, cycle walking."""
+        x = self._feistel(x, keys)
+        outside = x >= np.uint64(self.num_samples)
+        while outside.any():  # terminates: the cycle through x of a permutation returns into the range
+            x[outside] = self._feistel(x[outside], keys)
+            outside = x >= np.uint64(self.num_samples)
+        return x.astype(np.int64)
+
+    def _feistel(self, x: np.ndarray, keys: np.ndarray) -> np.ndarray:
+        """A keyed bijection of ``[0, 4**half_bits)``: balanced Feistel rounds on its two halves."""
+        left, right = x >> self._half_bits, x & self._half_mask
+        for key in keys:
+            left, right = right, left ^ (_mix64(right ^ key) & self._half_mask)
+        return (left << self._half_bits) | right
+
+
+def _mix64(z: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser, elementwise on uint64 (wrapping): a fast, well-mixing round function."""
+    with np.errstate(over="ignore"):
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
 
 
 def collate(dataset: Dataset, indices: Iterable[int]) -> dict[str, torch.Tensor]:
