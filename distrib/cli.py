@@ -5,6 +5,7 @@
     distrib run [PIPELINE.yaml] [output_dir=DIR] [STAGE.key=value ...] [--nproc-per-node N]
     distrib export CHECKPOINT|RUN_DIR OUT_DIR
     distrib plan CONFIG [key.path=value ...] --world-size N [--gpus-per-node G] [--gpu-memory-gib M]
+    distrib prepare-data CONFIG [key.path=value ...]
     distrib eval MODEL_DIR [--tasks T1,T2] [--limit N] [--batch-size B]
     distrib report RUN_DIR [--no-speed]
     distrib generate MODEL_DIR --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-p P] [--seed S]
@@ -59,6 +60,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--world-size", type=int, required=True)
     p.add_argument("--gpus-per-node", type=int, default=8)
     p.add_argument("--gpu-memory-gib", type=float, default=80.0)
+    p = sub.add_parser("prepare-data", help="build a config's data cache now (once, on a login or CPU node)")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", metavar="key.path=value")
     p = sub.add_parser("report", help="summarize a run or pipeline directory: summary.json, summary.md, plots")
     p.add_argument("run_dir", help="a run's output_dir, or a directory holding pretrain/, finetune/, distill/")
     p.add_argument("--no-speed", action="store_true", help="skip timing a distilled student against its teacher")
@@ -134,10 +138,38 @@ def main(argv: list[str] | None = None) -> int:
 
             print(format_plan(plan(cfg, args.world_size, args.gpus_per_node, args.gpu_memory_gib)))
             return 0
+        if args.command == "prepare-data":
+            return _prepare_data(cfg)
         cfg.check_paths()
         return _train(args, cfg)
     except ConfigError as e:
         return _fail(str(e))
+
+
+def _prepare_data(cfg) -> int:
+    """Build the data cache of ``cfg`` (or find it built) and print its path, blocks and tokens.
+
+    The cache is the one training looks up: the tokenizer is resolved as the stages resolve it
+    (``init_from``'s or the teacher's unless ``data.tokenizer`` is set), and the key depends on
+    neither the ranks nor ``data.num_proc`` (the processes that tokenize here), so a job's ranks
+    then load it instead of building it.
+    """
+    import json
+
+    from distrib.base import resolve_base, with_base
+    from distrib.data import prepare_data
+    from distrib.stages import stage_class
+
+    cfg = with_base(cfg, resolve_base(cfg))
+    if cfg.teacher:
+        cfg = stage_class("distill").prepare(cfg)
+    prepared = prepare_data(cfg.data, cfg.seed)
+    meta = json.loads((prepared.cache_path / "meta.json").read_text())
+    print(prepared.cache_path)
+    for split in ("train", "validation"):
+        print(f"{split}: {meta['blocks'][split]} blocks of {cfg.data.seq_len} tokens "
+              f"({meta['tokens'][split]} tokens of {meta['documents'][split]} documents)")
+    return 0
 
 
 def _train(args, cfg) -> int:

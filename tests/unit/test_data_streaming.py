@@ -12,6 +12,7 @@ import pytest
 from datasets import Dataset
 
 from distrib import data
+from tests.helpers import TINY
 
 
 def reference_blocks(docs: list[list[int]], eos: int, seq_len: int) -> tuple[list[list[int]], int]:
@@ -62,3 +63,31 @@ def test_streaming_pack_equals_the_reference_on_random_documents(monkeypatch, tm
         blocks, num_tokens = data._pack(ds, eos_id=0, seq_len=16, path=tmp_path / "blocks.arrow")
         assert [list(b) for b in blocks["input_ids"]] == expected
         assert num_tokens == expected_tokens
+
+
+# -- distrib prepare-data ------------------------------------------------------------------------
+
+
+def test_prepare_data_builds_the_cache_training_finds(tmp_path, capsys):
+    from distrib.cli import main
+    from distrib.config import load_config
+
+    paragraphs = [" ".join(f"word{(i * 7 + j) % 23}" for j in range(12 + i % 5)) for i in range(40)]
+    (tmp_path / "train.txt").write_text("\n\n".join(paragraphs))
+    args = [TINY, "data.source=files", f"data.train_files=[{tmp_path / 'train.txt'}]",
+            f"data.cache_dir={tmp_path / 'cache'}", "data.seq_len=16", "data.vocab_size=300", "data.num_proc=2"]
+    assert main(["prepare-data", *args]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    prepared = data.prepare_data(load_config(args[0], args[1:]).data, seed=0)  # what a training run loads
+    assert lines[0] == str(prepared.cache_path)
+    assert lines[1].startswith(f"train: {len(prepared.train)} blocks of 16 tokens (")
+    assert lines[2].startswith(f"validation: {len(prepared.validation)} blocks of 16 tokens (")
+
+
+def test_prepare_data_refuses_a_bad_key_in_one_line(tmp_path, capsys):
+    from distrib.cli import main
+
+    assert main(["prepare-data", TINY, f"data.cache_dir={tmp_path}", "data.no_such_key=1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("distrib: error:") and "data.no_such_key" in err[0]
+    assert not any(tmp_path.iterdir())
