@@ -1,16 +1,30 @@
 """Checkpoint -> a Hugging Face directory that ``transformers`` loads unchanged.
 
 Works offline from the checkpoint alone (it carries its config and tokenizer), so the same code
-serves ``distrib export CHECKPOINT OUT_DIR`` and the export at the end of a run. ZeRO shards are
-consolidated with DeepSpeed's own ``zero_to_fp32`` logic; weights are written as safetensors in the
-training precision.
+serves ``distrib export CHECKPOINT OUT_DIR`` and the export at the end of a run. Weights are written
+as safetensors in the training precision, in the layout ``save_pretrained`` uses (one
+``model.safetensors``, or ``model-0000i-of-0000N.safetensors`` shards with a
+``model.safetensors.index.json`` once they exceed ``max_shard_size``).
+
+A model trained from scratch is streamed: each parameter is read from the checkpoint's memory-mapped
+files on its own (the ZeRO partitions of every rank gathered, or one universal ``fp32.pt`` per
+parameter for tp > 1), converted and appended to its shard, so the exporting process holds about one
+tensor at a time whatever the model's size. A fine-tune is rebuilt whole on its base (see ``_on_base``).
 """
 
 from __future__ import annotations
 
+import ctypes
+import json
+import math
+import mmap
 import os
+import re
 import shutil
+import struct
+import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -23,9 +37,19 @@ from distrib.model import empty_model, hf_config
 from distrib.parallelize import torch_dtype
 from distrib.tensor_parallel import to_hf_layout
 
+#: What ``save_pretrained`` uses in the installed transformers: one file for any model we train.
+MAX_SHARD_SIZE = "50GB"
+
+#: A name -> a function that returns that tensor whole, in fp32 (floating) or as saved (integers).
+Loaders = dict[str, Callable[[], torch.Tensor]]
+
 
 def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
-    """Full fp32 weights from a DeepSpeed checkpoint directory, whatever the ZeRO stage and tp."""
+    """Full fp32 weights from a DeepSpeed checkpoint directory, whatever the ZeRO stage and tp.
+
+    Everything at once in memory: used for a fine-tune, whose model is rebuilt whole on its base anyway;
+    a pretraining export streams with ``checkpoint_tensors`` instead.
+    """
     if read_state(ckpt).tp > 1:
         # Tensor-parallel slices are merged by DeepSpeed's universal converter (using the merge
         # patterns AutoTP saved with the checkpoint); it leaves one whole fp32 tensor per parameter.
@@ -46,12 +70,34 @@ def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in state["module"].items()}
 
 
-def export_checkpoint(ckpt: Path, out_dir: Path, adapter_dir: Path | None = None) -> Path:
-    """Write ``out_dir`` (config.json, model.safetensors, tokenizer files) from checkpoint ``ckpt``.
+def checkpoint_tensors(ckpt: Path) -> Loaders:
+    """The trained tensors of ``ckpt`` (frozen ones left out), each materialised only when called.
+
+    The same tensors as ``consolidated_state_dict``, but the files are memory-mapped and a loader
+    reads only its parameter's bytes, copies them and drops those pages again: reading every tensor
+    in turn never holds more than one.
+    """
+    if read_state(ckpt).tp > 1:
+        cfg = Config.model_validate(yaml.safe_load((ckpt / "config.yaml").read_text()))
+        zero = convert_to_universal(ckpt) / "zero"
+        return {d.name: _universal_loader(d / "fp32.pt", d.name, cfg)
+                for d in sorted(zero.iterdir()) if (d / "fp32.pt").is_file()}
+    if not any(ckpt.glob("*model_states.pt")):
+        return {}
+    if any(ckpt.glob("*optim_states.pt")):
+        return _zero_tensors(ckpt)
+    module = _mmap_load(ckpt / "mp_rank_00_model_states.pt", weights_only=True)["module"]
+    return {k: _copy_loader(v) for k, v in module.items()}
+
+
+def export_checkpoint(ckpt: Path, out_dir: Path, adapter_dir: Path | None = None,
+                      max_shard_size: int | str = MAX_SHARD_SIZE) -> Path:
+    """Write ``out_dir`` (config.json, safetensors weights, tokenizer files) from checkpoint ``ckpt``.
 
     A fine-tune's checkpoint (trained on a base, ``init_from``) is re-attached to its base; with LoRA the
     adapters are also written in peft's own format to ``adapter_dir`` (default ``out_dir/adapter``) and
-    merged into the weights of ``out_dir``.
+    merged into the weights of ``out_dir``. ``max_shard_size`` (bytes, or a string like ``"5GB"``) splits
+    the weights into several files as ``save_pretrained`` does.
 
     Raises:
         ConfigError: ``ckpt`` is not a checkpoint, or ``out_dir`` holds something other than an export.
@@ -64,33 +110,260 @@ def export_checkpoint(ckpt: Path, out_dir: Path, adapter_dir: Path | None = None
     cfg = Config.model_validate(yaml.safe_load((ckpt / "config.yaml").read_text()))
     tokenizer = AutoTokenizer.from_pretrained(ckpt / "tokenizer")
     dtype = torch_dtype(cfg.precision)
-    state = consolidated_state_dict(ckpt)
-    if cfg.teacher:  # the hidden-state projections trained with the student and are not part of it
-        from distrib.distill import PROJECTIONS_ATTR
-
-        state = {k: v for k, v in state.items() if not k.startswith(PROJECTIONS_ATTR + ".")}
     adapter = None
     if cfg.init_from:
-        model, adapter = _on_base(cfg, state, ckpt, dtype, staging=out_dir.parent)
+        model, adapter = _on_base(cfg, _student(cfg, consolidated_state_dict(ckpt)), ckpt, dtype,
+                                  staging=out_dir.parent)
+        model = model.to(dtype)
+        state = model.state_dict()
+        tensors = {k: (lambda t=t: t) for k, t in state.items()}
     else:
-        hf_cfg = hf_config(cfg.model, vocab_size=len(tokenizer), seq_len=cfg.data.seq_len)
-        model = empty_model(hf_cfg)
-        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-        tied = {"lm_head.weight"} if hf_cfg.tie_word_embeddings else set()
-        if unexpected or set(missing) - tied:
-            raise RuntimeError(f"checkpoint {ckpt} does not match the model: missing {missing}, unexpected {unexpected}")
-        model.tie_weights()
-    model = model.to(dtype)
-    model.config.dtype = dtype
+        model = empty_model(hf_config(cfg.model, vocab_size=len(tokenizer), seq_len=cfg.data.seq_len)).to(dtype)
+        tensors = _student(cfg, checkpoint_tensors(ckpt))
+        _check_matches(model, tensors, ckpt)
     model.config.use_cache = True
-    _publish(out_dir, lambda tmp: (model.save_pretrained(tmp, safe_serialization=True), tokenizer.save_pretrained(tmp)))
+
+    def write(tmp: Path) -> None:
+        tmp.mkdir(parents=True)
+        _save_config(model, tmp, dtype)
+        save_weights(tmp, model, tensors, dtype, max_shard_size)
+        tokenizer.save_pretrained(tmp)
+
+    _publish(out_dir, write)
     if adapter is not None:
         _publish(Path(adapter_dir) if adapter_dir else out_dir / "adapter", lambda tmp: os.replace(adapter, tmp))
     return out_dir
 
 
+def _student(cfg: Config, tensors: dict) -> dict:
+    """Leave out the hidden-state projections a distillation trained with the student (not part of it)."""
+    if not cfg.teacher:
+        return tensors
+    from distrib.distill import PROJECTIONS_ATTR
+
+    return {k: v for k, v in tensors.items() if not k.startswith(PROJECTIONS_ATTR + ".")}
+
+
+def _saved_names(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state-dict entries ``save_pretrained`` writes for ``model``, in its order: tied aliases left out."""
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    return remove_tied_weights_from_state_dict(model.state_dict(), model)
+
+
+def _check_matches(model: torch.nn.Module, tensors: Loaders, ckpt: Path) -> None:
+    """Every tensor the model saves is in the checkpoint, and nothing else is (tied aliases aside)."""
+    every = set(model.state_dict())
+    missing = sorted(set(_saved_names(model)) - set(tensors))
+    unexpected = sorted(set(tensors) - every)
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint {ckpt} does not match the model: missing {missing}, unexpected {unexpected}")
+
+
+def _save_config(model: torch.nn.Module, out: Path, dtype: torch.dtype) -> None:
+    """config.json and generation_config.json as ``save_pretrained`` writes them for a ``dtype`` model."""
+    model.config.dtype = str(dtype).split(".")[1]
+    model.config.architectures = [model.__class__.__name__]
+    model.config.save_pretrained(out)
+    if model.can_generate():
+        model.generation_config.save_pretrained(out)
+
+
+def save_weights(out: Path, model: torch.nn.Module, tensors: Loaders, dtype: torch.dtype,
+                 max_shard_size: int | str = MAX_SHARD_SIZE) -> list[str]:
+    """Write ``model``'s weights into ``out`` as ``save_pretrained`` lays them out, one tensor at a time.
+
+    Names, order, shapes and tied aliases come from ``model`` (it may live on the meta device); the
+    values from ``tensors``, each loaded, converted to ``dtype`` (floating tensors) and written before
+    the next is loaded. The shards are split by ``huggingface_hub``'s own rule, so the files and the
+    index are those ``save_pretrained`` would write.
+
+    Returns:
+        the weight files written.
+    """
+    from huggingface_hub import split_state_dict_into_shards_factory
+
+    specs = {}
+    for name, ref in _saved_names(model).items():
+        out_dtype = dtype if ref.is_floating_point() else ref.dtype
+        specs[name] = (tuple(ref.shape), out_dtype)
+    split = split_state_dict_into_shards_factory(
+        specs, get_storage_size=lambda s: math.prod(s[0]) * s[1].itemsize,
+        filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size)
+    for filename, names in split.filename_to_tensors.items():
+        _write_safetensors(out / filename, {n: specs[n] for n in names}, tensors)
+    if split.is_sharded:
+        params = sum(p.numel() for p in model.parameters())
+        index = {"metadata": {"total_parameters": params, **split.metadata}, "weight_map": split.tensor_to_filename}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return list(split.filename_to_tensors)
+
+
+_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                       torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def _write_safetensors(path: Path, specs: dict[str, tuple[tuple, torch.dtype]], tensors: Loaders) -> None:
+    """One safetensors file, its header first (sizes are known up front), then each tensor as loaded.
+
+    ``safetensors.torch.save_file`` wants the whole shard in memory; the format is simple enough
+    (a little-endian u64 header length, a JSON header padded to 8 bytes, the raw bytes) to write it
+    tensor by tensor instead.
+    """
+    # safetensors' own order (widest dtype first, then by name), so the bytes are save_pretrained's
+    specs = dict(sorted(specs.items(), key=lambda kv: (-kv[1][1].itemsize, kv[0])))
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, (shape, dtype) in specs.items():
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name, (shape, dtype) in specs.items():
+            t = tensors[name]()
+            if tuple(t.shape) != shape:
+                raise RuntimeError(f"{name} has shape {tuple(t.shape)} in the checkpoint but {shape} in the model")
+            t = t.to(dtype).contiguous()
+            f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+            del t
+
+
+# ----------------------------------------------------------------------------- reading checkpoints lazily
+
+_PAGE = mmap.PAGESIZE
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+_MADV_DONTNEED = 4
+
+
+def _mmap_load(path: Path, weights_only: bool = False):
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=weights_only)
+
+
+def _release(t: torch.Tensor) -> None:
+    """Drop the resident pages of ``t``, a slice of a memory-mapped checkpoint file already copied.
+
+    Pages of a file mapping that were read stay in the process's resident set until unmapped, so
+    reading a whole checkpoint through one mapping would grow it to the checkpoint's size. The mapping
+    is private and never written, so a dropped page would simply be read from the file again. Only
+    pages lying wholly inside ``t`` are dropped: a neighbour's bytes are never touched.
+    """
+    if _LIBC is None or t.numel() == 0:
+        return
+    start = t.data_ptr()
+    end = start + t.numel() * t.element_size()
+    lo, hi = -(-start // _PAGE) * _PAGE, end // _PAGE * _PAGE
+    if hi > lo:
+        _LIBC.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)
+
+
+def _copy_loader(mapped: torch.Tensor) -> Callable[[], torch.Tensor]:
+    def load() -> torch.Tensor:
+        t = mapped.float() if mapped.is_floating_point() else mapped.clone()
+        if t.data_ptr() == mapped.data_ptr():  # .float() of an fp32 tensor is the tensor itself
+            t = t.clone()
+        _release(mapped)
+        return t
+    return load
+
+
+def _universal_loader(path: Path, name: str, cfg: Config) -> Callable[[], torch.Tensor]:
+    def load() -> torch.Tensor:
+        return to_hf_layout({name: _copy_loader(_mmap_load(path, weights_only=True)["param"])()}, cfg)[name]
+    return load
+
+
+def _gather(parts: list[torch.Tensor], start: int, out: torch.Tensor) -> None:
+    """Copy elements ``[start, start + len(out))`` of the concatenation of flat ``parts`` into ``out``."""
+    base, end = 0, start + out.numel()
+    for part in parts:
+        lo, hi = max(start, base), min(end, base + part.numel())
+        if lo < hi:
+            piece = part[lo - base:hi - base]
+            out[lo - start:hi - start] = piece
+            _release(piece)
+        base += part.numel()
+
+
+def _natural(path: Path) -> list:
+    return [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", path.name)]
+
+
+def _zero_tensors(ckpt: Path) -> Loaders:
+    """Loaders for a ZeRO checkpoint's fp32 master weights (stages 1-3) and buffers.
+
+    Follows the layout DeepSpeed's ``zero_to_fp32`` reads: for stages 1 and 2 each parameter group is
+    one flat vector cut into consecutive rank partitions, parameters packed in order (plus the
+    alignment padding the optimizer records); for stage 3 each rank holds a ``ceil(numel / ranks)``
+    piece of every parameter at the same offset. ``zero_to_fp32`` concatenates the stage-2 partitions
+    into whole vectors (the model's size in memory); here each parameter is gathered from the mapped
+    partitions alone.
+    """
+    from deepspeed.checkpoint.constants import (BUFFER_NAMES, FP32_FLAT_GROUPS, OPTIMIZER_STATE_DICT,
+                                                PARAM_ALIGNMENT_PADDINGS, PARAM_SHAPES, PARTITION_COUNT,
+                                                SINGLE_PARTITION_OF_FP32_GROUPS, ZERO_STAGE)
+
+    model_states = [_mmap_load(f) for f in sorted(ckpt.glob("*model_states.pt"), key=_natural)]
+    optim_files = sorted(ckpt.glob("*optim_states.pt"), key=_natural)
+    optims = [_mmap_load(f)[OPTIMIZER_STATE_DICT] for f in optim_files]
+    stage, ranks = optims[0][ZERO_STAGE], optims[0][PARTITION_COUNT]
+    ranks = max(ranks) if isinstance(ranks, list) else ranks
+    if ranks != len(optims):
+        raise RuntimeError(f"{ckpt} holds {len(optims)} optimizer shards for {ranks} ranks; the checkpoint is incomplete")
+    first = model_states[0]
+    loaders: Loaders = {k: _copy_loader(v) for k, v in first["module"].items() if k in first[BUFFER_NAMES]}
+    shapes = first[PARAM_SHAPES]
+    if stage <= 2:
+        paddings = optims[0].get(PARAM_ALIGNMENT_PADDINGS)
+        for g, group in enumerate(shapes):
+            parts = [o[SINGLE_PARTITION_OF_FP32_GROUPS][g] for o in optims]
+            offset = 0
+            for i, (name, shape) in enumerate(group.items()):
+                loaders[name] = _flat_loader(parts, offset, shape)
+                offset += math.prod(shape)
+                if paddings is not None:
+                    offset += paddings[g][i]
+            align = 2 * ranks  # stage 2 pads each group to a multiple of 2 x ranks
+            if -(-offset // align) != -(-sum(p.numel() for p in parts) // align):
+                raise RuntimeError(f"{ckpt}: parameter group {g} does not match its optimizer partitions")
+    else:
+        flat = [o[FP32_FLAT_GROUPS] for o in optims]
+        offset = 0
+        for name, shape in ((n, s) for group in shapes for n, s in group.items()):
+            loaders[name] = _zero3_loader(flat, offset, shape, ranks)
+            offset += -(-math.prod(shape) // ranks)
+        if offset != sum(p.numel() for p in flat[0]):
+            raise RuntimeError(f"{ckpt}: the parameters do not match their ZeRO-3 partitions")
+    return loaders
+
+
+def _flat_loader(parts: list[torch.Tensor], offset: int, shape) -> Callable[[], torch.Tensor]:
+    def load() -> torch.Tensor:
+        out = torch.empty(math.prod(shape), dtype=parts[0].dtype)
+        _gather(parts, offset, out)
+        return out.float().view(tuple(shape))
+    return load
+
+
+def _zero3_loader(flat: list[list[torch.Tensor]], offset: int, shape, ranks: int) -> Callable[[], torch.Tensor]:
+    def load() -> torch.Tensor:
+        numel = math.prod(shape)
+        piece = -(-numel // ranks)
+        out = torch.empty(piece * ranks, dtype=flat[0][0].dtype)
+        for r in range(ranks):
+            _gather(flat[r], offset, out[r * piece:(r + 1) * piece])
+        return out[:numel].float().view(tuple(shape))
+    return load
+
+
 def _on_base(cfg: Config, state: dict[str, torch.Tensor], ckpt: Path, dtype: torch.dtype, staging: Path):
     """The fine-tuned model: its base with the same frozen parts and adapters, the trained tensors loaded.
+
+    Built whole in memory (the base is loaded by ``from_pretrained`` and the LoRA merge needs the
+    weights), unlike a pretraining export, which streams; the result is written by the same writer.
 
     Returns:
         the plain model (LoRA merged), and the peft adapter directory written under ``staging`` (None
