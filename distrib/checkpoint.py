@@ -12,7 +12,8 @@ Layout under ``<output_dir>/checkpoints/``::
         universal/             made on demand when resuming at another data-parallel size
 
 A crash at any point leaves either the previous ``latest`` or the new one, never a partial
-checkpoint behind ``latest``; stale ``*.tmp`` directories are removed when the next run starts.
+checkpoint behind ``latest``: before the rename every rank fsyncs the files it wrote, and rank 0 the
+shared ones and the directories; stale ``*.tmp`` directories are removed when the next run starts.
 Every checkpoint records its run's lineage (``run_id``, kept across resumes); ``keep_last`` prunes
 only this lineage's checkpoints, by step number, so a run never deletes another run's checkpoints
 nor the one it just wrote.
@@ -209,9 +210,19 @@ class Checkpointer:
                 (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=1))
                 (tmp / "config.yaml").write_text(self.cfg.to_yaml())
                 self.tokenizer.save_pretrained(tmp / "tokenizer")
-                _fsync_tree(tmp)
+            # Each rank makes the files it wrote durable: on a shared file system an fsync on rank 0's
+            # node does not flush what other nodes wrote and still hold in their caches.
+            dp_rank, tp_rank = divmod(self.topo.rank, self.topo.tp)
+            _fsync_files(rank_files(tmp, self.topo.rank, dp_rank, tp_rank))
         except OSError as e:
             error = f"{e.strerror or e} ({e.filename or tmp})"
+        self.topo.barrier()  # every rank's files are written and synced
+        if self.topo.is_main and error is None:
+            try:
+                _fsync_files(main_files(tmp, self.topo.dp, self.topo.tp))
+                _fsync_dirs(tmp)
+            except OSError as e:
+                error = f"{e.strerror or e} ({e.filename or tmp})"
         if self.topo.any(error is not None):  # every rank learns of any rank's failure, no one hangs
             if self.topo.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -229,7 +240,9 @@ class Checkpointer:
             elif final.exists():  # a re-save of the same step (e.g. exit right after a periodic save)
                 shutil.rmtree(final)
             os.replace(tmp, final)
+            _fsync_dir(self.root)
             _atomic_write(self.root / "latest", name)
+            _fsync_dir(self.root)
             self._prune(state.run_id)
         self.topo.barrier()
         return final
@@ -338,8 +351,48 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _fsync_tree(path: Path) -> None:
-    for p in path.rglob("*"):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
+def rank_files(ckpt: Path, rank: int, dp_rank: int, tp_rank: int) -> list[Path]:
+    """The files of checkpoint directory ``ckpt`` that the rank at (``dp_rank``, ``tp_rank``) writes.
+
+    DeepSpeed's names: every rank writes its optimizer shard
+    (``[bf16_]zero_pp_rank_{dp}_mp_rank_{tp:02d}_optim_states.pt``) and, under ZeRO-3, its model shard
+    (``zero_pp_rank_{dp}_mp_rank_{tp:02d}_model_states.pt``); below ZeRO-3 the first data-parallel rank
+    of each tensor-parallel group writes ``mp_rank_{tp:02d}_model_states.pt``. Our own: ``rng/rank_N.pt``.
+    """
+    mine = [ckpt / f"{bf16}zero_pp_rank_{dp_rank}_mp_rank_{tp_rank:02d}_{kind}_states.pt"
+            for bf16 in ("", "bf16_") for kind in ("model", "optim")]
+    if dp_rank == 0:
+        mine.append(ckpt / f"mp_rank_{tp_rank:02d}_model_states.pt")
+    mine.append(ckpt / "rng" / f"rank_{rank:05d}.pt")
+    return sorted(p for p in mine if p.is_file())
+
+
+def main_files(ckpt: Path, dp: int, tp: int) -> list[Path]:
+    """What rank 0 makes durable besides its own shard: every file no rank of the ``dp`` x ``tp`` world claims.
+
+    That is the shared metadata (trainer state, config, tokenizer), and whatever else DeepSpeed may
+    write that ``rank_files`` does not know of: better synced twice than not at all.
+    """
+    claimed = {p for r in range(dp * tp) for p in rank_files(ckpt, r, r // tp, r % tp)}
+    return sorted(p for p in ckpt.rglob("*") if p.is_file() and p not in claimed)
+
+
+def _fsync_files(paths) -> None:
+    for p in paths:
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make the entries of directory ``path`` durable (a file's fsync does not cover its name)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dirs(root: Path) -> None:
+    for d in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        _fsync_dir(d)
+    _fsync_dir(root)

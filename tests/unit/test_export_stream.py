@@ -105,3 +105,96 @@ def test_a_parameter_is_gathered_across_rank_partitions():
         _gather(parts, start, out)
         assert torch.equal(out, flat[start:start + n])
 
+
+# -- durability of the checkpoint an export reads: each rank syncs what it wrote ----------------------
+
+def _deepspeed_names(dp_rank, tp_rank, zero_stage):
+    """The files DeepSpeed writes for one rank (bf16 optimizer names; ZeRO-3 shards the model states too)."""
+    names = [f"bf16_zero_pp_rank_{dp_rank}_mp_rank_{tp_rank:02d}_optim_states.pt"]
+    if zero_stage == 3:
+        names.append(f"zero_pp_rank_{dp_rank}_mp_rank_{tp_rank:02d}_model_states.pt")
+    elif dp_rank == 0:
+        names.append(f"mp_rank_{tp_rank:02d}_model_states.pt")
+    return names
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_every_rank_fsyncs_the_files_it_wrote_before_the_checkpoint_is_published(tmp_path, monkeypatch, zero_stage):
+    import os
+    import threading
+
+    from distrib.checkpoint import Checkpointer, TrainState, latest_checkpoint
+    from distrib.config import load_config
+    from tests.helpers import TINY
+
+    dp, tp = 3, 2
+    world = dp * tp
+    gate = threading.Barrier(world)
+    flags = []
+    local = threading.local()
+
+    class Topo:
+        def __init__(self, rank):
+            self.rank, self.is_main, self.dp, self.tp = rank, rank == 0, dp, tp
+
+        def barrier(self):
+            gate.wait()
+
+        def any(self, flag):
+            flags.append(flag)
+            gate.wait()
+            result = any(flags)
+            gate.wait()
+            return result
+
+    class Engine:
+        module = object()
+
+        def save_checkpoint(self, root, tag, client_state, save_latest, exclude_frozen_parameters=False):
+            (Path(root) / tag).mkdir(parents=True, exist_ok=True)
+            for name in _deepspeed_names(local.rank // tp, local.rank % tp, zero_stage):
+                (Path(root) / tag / name).write_bytes(b"shard")
+
+    class Tokenizer:
+        def save_pretrained(self, path):
+            Path(path).mkdir(parents=True, exist_ok=True)
+            (Path(path) / "tokenizer.json").write_text("{}")
+
+    synced = {r: [] for r in range(world)}
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced[local.rank].append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    cfg = load_config(TINY, [f"output_dir={tmp_path}"])
+    root = tmp_path / "checkpoints"
+    errors = []
+
+    def rank_main(rank):
+        local.rank = rank
+        try:
+            Checkpointer(root, Topo(rank), cfg, Tokenizer()).save(Engine(), TrainState(step=7))
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+            gate.abort()
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    final = latest_checkpoint(root)
+    tmp = f"{root}/{final.name}.tmp"
+    for rank in range(world):
+        dp_rank, tp_rank = divmod(rank, tp)
+        own = {f"{tmp}/{n}" for n in _deepspeed_names(dp_rank, tp_rank, zero_stage)} | {f"{tmp}/rng/rank_{rank:05d}.pt"}
+        files = {p for p in synced[rank] if Path(p.replace(tmp, str(final))).is_file()}
+        if rank == 0:  # its shard, and the shared files, the directories (before the rename) and the root (after)
+            own |= {f"{tmp}/trainer_state.json", f"{tmp}/config.yaml", f"{tmp}/tokenizer/tokenizer.json"}
+            assert {tmp, f"{tmp}/rng", f"{tmp}/tokenizer", str(root)} <= set(synced[0])
+        assert files == own, rank  # its own files, each synced at its .tmp path: before the publish
+    every = {str(p).replace(str(final), tmp) for p in final.rglob("*") if p.is_file()}
+    assert every == {p for r in synced for p in synced[r] if Path(p.replace(tmp, str(final))).is_file()}
