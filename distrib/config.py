@@ -218,6 +218,10 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+#: ``model.compile=auto`` compiles runs of at least this many optimizer steps (see :class:`ModelConfig`).
+COMPILE_MIN_STEPS = 500
+
+
 class ModelConfig(_Section):
     """Which causal LM to build.
 
@@ -239,6 +243,13 @@ class ModelConfig(_Section):
     dropout: Float = Field(0.0, ge=0.0, lt=1.0)
     init_std: Float = Field(0.02, gt=0)
     activation_checkpointing: bool = False
+    #: ``torch.compile`` the model (and the loss) before the first step: ``true``, ``false`` or ``auto``,
+    #: which compiles a run of at least :data:`COMPILE_MIN_STEPS` steps where compilation works (tp 1,
+    #: a compiler for the device) and skips shorter runs, which do not win back its tens of
+    #: seconds. Where it cannot work the run says so in one line and trains uncompiled.
+    compile: bool | Literal["auto"] = "auto"
+    #: The attention kernel: ``sdpa`` (PyTorch's fused scaled-dot-product attention) or ``eager`` (matmuls).
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
 
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":
@@ -925,6 +936,9 @@ RUN_CONTROL_KEYS = (
     "data.trace_samples",
     "parallel.offload_optimizer",
     "parallel.offload_params",
+    # How the same computation runs: a resume may switch them (the losses agree within bf16 rounding).
+    "model.compile",
+    "model.attn_implementation",
 )
 
 

@@ -20,20 +20,24 @@ if TYPE_CHECKING:
     import torch
 
 
-def measure_peak_tflops(dtype: torch.dtype, size: int = 1024, trials: int = 5, seconds: float = 0.1) -> float:
-    """Sustained square-matmul throughput of this device in ``dtype`` (TFLOP/s).
+def measure_peak_tflops(dtype: torch.dtype, shape: tuple[int, int, int] = (1024, 1024, 1024), trials: int = 5,
+                        seconds: float = 0.1) -> float:
+    """Sustained matmul throughput of this device in ``dtype`` on an ``(m, k, n)`` product (TFLOP/s).
 
-    The best of several short trials, so a moment of contention (another process, a compile) does
-    not pass for the device's peak.
+    Pass the shape of the model's own largest matmuls (tokens of a micro-batch x hidden x FFN width): a
+    rate measured on other sizes would be a peak the model's matmuls cannot reach (or could beat), and
+    MFU against it would flatter or wrong the run. The best of several short trials, so a moment of
+    contention (another process, a compile) does not pass for the device's peak.
     """
     import torch
     from deepspeed.accelerator import get_accelerator  # here, not at import: reading metrics needs neither
 
+    m, k, n_cols = shape
     accel = get_accelerator()
     device = accel.current_device_name()
     gen = torch.Generator(device=device).manual_seed(0)  # leave the training RNG streams untouched
-    a = torch.randn(size, size, device=device, dtype=dtype, generator=gen)
-    b = torch.randn(size, size, device=device, dtype=dtype, generator=gen)
+    a = torch.randn(m, k, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(k, n_cols, device=device, dtype=dtype, generator=gen)
     a @ b  # warm-up
     best = 0.0
     for _ in range(trials):
@@ -43,7 +47,7 @@ def measure_peak_tflops(dtype: torch.dtype, size: int = 1024, trials: int = 5, s
             a @ b
             n += 1
         accel.synchronize()
-        best = max(best, 2 * size**3 * n / (time.perf_counter() - start) / 1e12)
+        best = max(best, 2 * m * k * n_cols * n / (time.perf_counter() - start) / 1e12)
     return best
 
 

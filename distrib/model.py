@@ -92,10 +92,11 @@ def build_model(cfg: ModelConfig, hf_cfg: PretrainedConfig, *, seed: int = 0, in
     ctx = init_context if init_context is not None else contextlib.nullcontext()
     with ctx:
         if cfg.pretrained:
-            model = AutoModelForCausalLM.from_pretrained(cfg.pretrained, config=hf_cfg, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(cfg.pretrained, config=hf_cfg, dtype=dtype,
+                                                         attn_implementation=cfg.attn_implementation)
         else:
             # ``dtype``, not ``torch_dtype``: transformers 5 warns on every rank for the old name.
-            model = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype)
+            model = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype, attn_implementation=cfg.attn_implementation)
     if not cfg.pretrained:
         init_weights(model, cfg, seed)
     if cfg.activation_checkpointing:
@@ -153,6 +154,14 @@ def _depth_and_width(hf_cfg: PretrainedConfig) -> tuple[int, int]:
     """(layers, hidden size) of a Llama-family or GPT-2 config."""
     return (getattr(hf_cfg, "num_hidden_layers", None) or hf_cfg.n_layer,
             getattr(hf_cfg, "hidden_size", None) or hf_cfg.n_embd)
+
+
+def matmul_shape(hf_cfg: PretrainedConfig, tokens: int, tp: int = 1) -> tuple[int, int, int]:
+    """``(m, k, n)`` of the model's largest matmuls on a micro-batch of ``tokens``: its MLP's up-projection
+    (this rank's share of the FFN width under tensor parallelism). The shape a fair peak is measured on."""
+    _, hidden = _depth_and_width(hf_cfg)
+    ffn = getattr(hf_cfg, "intermediate_size", None) or getattr(hf_cfg, "n_inner", None) or 4 * hidden
+    return tokens, hidden, max(1, ffn // tp)
 
 
 def flops_per_token(hf_cfg: PretrainedConfig, n_params: int, seq_len: int, trainable: int | None = None) -> float:

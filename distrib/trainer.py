@@ -25,7 +25,7 @@ from distrib.checkpoint import Checkpointer, TrainState, latest_checkpoint
 from distrib.config import Config
 from distrib.data import IGNORE_INDEX, GlobalBatchSampler, collate, prepare_data  # noqa: F401 (re-exported)
 from distrib.metrics import MetricsLogger, keep_rows_through, measure_peak_tflops
-from distrib.model import count_parameters, flops_per_token, forward_flops_per_token, hf_config
+from distrib.model import count_parameters, flops_per_token, forward_flops_per_token, hf_config, matmul_shape
 from distrib.parallelize import build_engine, deepspeed_config, torch_dtype
 from distrib.tensor_parallel import apply_plan
 from distrib.topology import Topology
@@ -69,13 +69,33 @@ def target_tokens(labels: torch.Tensor) -> torch.Tensor:
     return (labels[:, 1:] != IGNORE_INDEX).sum()
 
 
+def next_token_ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of each position's logits against the next label, summed over the targets, in fp32."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
+
+
+_compiled_ce = None
+
+
+def compiled_next_token_ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """:func:`next_token_ce_sum` through ``torch.compile``: the fp32 upcast, log-softmax and gather fuse into
+    one pass over the logits instead of three, each writing a logits-sized fp32 tensor."""
+    global _compiled_ce
+    if _compiled_ce is None:
+        _compiled_ce = torch.compile(next_token_ce_sum)
+    return _compiled_ce(logits, labels)
+
+
 def causal_lm_loss(model: torch.nn.Module, batch: dict) -> LossOut:
-    """Next-token cross-entropy summed over the target tokens (``labels`` != -100), in fp32."""
+    """Next-token cross-entropy summed over the target tokens (``labels`` != -100), in fp32.
+
+    Compiled with the model: when ``model`` is a compiled engine (``model.compile``) so is the loss.
+    """
     logits = model(input_ids=batch["input_ids"]).logits
     labels = batch["labels"]
-    total = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX,
-                            reduction="sum")
-    return LossOut(total=total, tokens=target_tokens(labels))
+    ce = compiled_next_token_ce_sum if getattr(model, "is_compiled", False) else next_token_ce_sum
+    return LossOut(total=ce(logits, labels), tokens=target_tokens(labels))
 
 
 class Trainer:
@@ -119,6 +139,7 @@ class Trainer:
         self.engine = build_engine(model, cfg, topo, ds_config)
         # Models that never train: engines without optimizer (nothing trainable), never checkpointed.
         self.frozen = {name: build_engine(m, cfg, topo, ds_config) for name, m in frozen.items()}
+        self.compiled = self._compile()
         if self.frozen:
             stage.bind(self.frozen)
         self.trains = self.trainable["trainable"] > 0  # else an engine without optimizer (see build_engine)
@@ -154,7 +175,8 @@ class Trainer:
                                                trainable=self.trainable["trainable"])
         for m in frozen.values():  # their forward passes are work done for every token too
             self.flops_per_token += forward_flops_per_token(m.config, cfg.data.seq_len)
-        peak = cfg.metrics.peak_tflops or topo.max(measure_peak_tflops(dtype))  # the devices are alike: take the best
+        shape = matmul_shape(self.hf_cfg, cfg.train.micro_batch_size * cfg.data.seq_len, topo.tp)
+        peak = cfg.metrics.peak_tflops or topo.max(measure_peak_tflops(dtype, shape))  # the devices are alike: the best
         self.peak_flops = peak * 1e12 * topo.world_size
         self._write_layout()  # before the progress bar starts drawing
         log_main(format_summary(self.trainable))
@@ -173,6 +195,42 @@ class Trainer:
             if resume_from is not None:  # rows name the step before it counts: keep those done before step k
                 keep_rows_through(trace, self.state.step - 1)
             self.trace = open(trace, "a" if resume_from is not None else "w", buffering=1)
+
+    def _compile(self) -> bool:
+        """Compile the engines' models under ``model.compile`` (see :func:`compile_decision`); whether it did."""
+        wanted, blocker = compile_decision(self.cfg, self.topo.tp)
+        if blocker is not None and self.cfg.model.compile is True:
+            log_main(f"model.compile: {blocker}; training uncompiled")
+        if not wanted:
+            return False
+        failing = faults.at("compile", self.topo.rank, 0) == "fail"
+        for engine in (self.engine, *self.frozen.values()):
+            engine.compile(**({"backend": _failing_backend} if failing else {}))
+        log_main("model.compile: the model and its loss compile during the first steps (the first step takes longer)")
+        return True
+
+    def _forward(self, fn, batch: dict) -> LossOut:
+        """``fn(engine, batch)``; a compiled model that fails to compile falls back to eager, saying so in one line.
+
+        Compilation happens at the first forward passes (training, then evaluation), so that is where it can fail;
+        after the fallback the run trains uncompiled, as with ``model.compile=false``.
+        """
+        if not self.compiled:
+            return fn(self.engine, batch)
+        try:
+            return fn(self.engine, batch)
+        except Exception as e:
+            if not _is_compile_error(e):
+                raise
+            cause = getattr(e, "inner_exception", None) or e  # a backend's own error, inside dynamo's wrapper
+            first = (str(cause).strip().splitlines() or [""])[0][:200]
+            log_main(f"model.compile: compiling failed ({type(cause).__name__}: {first}); training uncompiled")
+            for engine in (self.engine, *self.frozen.values()):
+                # DeepSpeed has no "uncompile": drop what Module.compile() installed and the engine's flag.
+                engine.module._compiled_call_impl = None
+                engine._is_compiled = False
+            self.compiled = False
+            return fn(self.engine, batch)
 
     def _check_same_data(self) -> None:
         """Every rank must train on the same data: compare what each prepared before the first step.
@@ -235,6 +293,7 @@ class Trainer:
         sizes, local = held(self.engine)
         opt_bytes = sizes["optimizer_state_bytes"]
         mine = {"rank": self.topo.rank, "dp_rank": self.topo.dp_rank, "tp_rank": self.topo.tp_rank, **sizes,
+                "peak_rss_bytes": peak_rss_bytes(),
                 "params": {n: t.numel() for n, t in local.items()}}
         for name, engine in self.frozen.items():
             mine[name] = held(engine)[0]
@@ -287,7 +346,7 @@ class Trainer:
             batch = self._batch(self.data.validation, indices)
             if start >= n:  # nothing left for this rank: join the collectives, count nothing
                 batch["labels"] = torch.full_like(batch["labels"], IGNORE_INDEX)
-            out = eval_loss(self.engine, batch)
+            out = self._forward(eval_loss, batch)
             total += out.total.float()
             tokens += out.tokens
             for k, v in out.parts.items():
@@ -320,6 +379,7 @@ class Trainer:
         lr = self.engine.get_lr()[0] if self.trains else 0.0
         micro = self.sampler.micro_batches(self.state.step)
         batches = [self._batch(self.data.train, indices) for indices in micro]
+        data_s = time.perf_counter() - start  # the data pipeline's share of the step: sample, read, collate
         local_tokens = sum(target_tokens(b["labels"]) for b in batches)
         global_tokens = max(self._global([local_tokens])[0], 1.0)
         scale = self.topo.dp * len(batches) / global_tokens
@@ -333,7 +393,7 @@ class Trainer:
                 with torch.no_grad():
                     total += self.stage.loss(self.engine, batch).total.float()
                 continue
-            out = self.stage.loss(self.engine, batch)
+            out = self._forward(self.stage.loss, batch)
             if faults.at("step", self.topo.rank, step) == "nan":
                 out.total = out.total * float("nan")
             # Under train.nonfinite=skip every micro-batch is checked (a sync per micro-batch); under
@@ -377,6 +437,8 @@ class Trainer:
             "lr": lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "tokens_per_s": tps,
+            "data_s": data_s,
+            "step_s": elapsed,
             "mfu": tps * self.flops_per_token / self.peak_flops,
             "tokens_seen": self.state.tokens_seen,
             "samples_seen": self.state.samples_seen,
@@ -453,6 +515,67 @@ class Trainer:
         self.topo.barrier()
 
 
+def compile_decision(cfg: Config, tp: int, accelerator: str | None = None) -> tuple[bool, str | None]:
+    """Whether to compile the model under ``cfg.model.compile``, and what stands in the way, if anything.
+
+    ``auto`` compiles runs of at least :data:`~distrib.config.COMPILE_MIN_STEPS` steps where nothing stands in
+    the way, and stays silent otherwise; ``true`` compiles unless something does, which the caller says.
+    The decision depends on the config only, so that a resumed run computes as the interrupted one did.
+    """
+    from distrib.config import COMPILE_MIN_STEPS
+
+    mode = cfg.model.compile
+    if mode is False:
+        return False, None
+    blocker = compile_blocker(cfg, tp, accelerator)
+    if mode == "auto" and cfg.train.max_steps < COMPILE_MIN_STEPS:
+        return False, blocker
+    return blocker is None, blocker
+
+
+def compile_blocker(cfg: Config, tp: int, accelerator: str | None = None) -> str | None:
+    """Why ``torch.compile`` cannot serve this run (None when it can)."""
+    import shutil
+
+    if tp > 1:
+        return "tensor-parallel layers (parallel.tp > 1) are not compiled"
+    if accelerator is None:
+        from deepspeed.accelerator import get_accelerator
+
+        accelerator = get_accelerator().device_name()
+    if accelerator == "cpu":
+        import os
+
+        compiler = os.environ.get("CXX", "g++")
+        if shutil.which(compiler) is None:
+            return f"no C++ compiler ({compiler}) for the CPU code torch.compile generates; install g++ or set CXX"
+    elif accelerator == "cuda":
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            return "triton, which torch.compile generates GPU kernels with, is not installed"
+    return None
+
+
+def _failing_backend(graph, inputs):
+    """A torch.compile backend that fails, as a broken toolchain does (fault ``compile:fail``)."""
+    raise RuntimeError("injected compiler failure")
+
+
+def _is_compile_error(e: BaseException) -> bool:
+    """Whether ``e`` came from torch.compile (dynamo or the backend), not from the model or the data."""
+    import torch._dynamo.exc as dynamo_exc
+
+    kinds: tuple[type, ...] = (dynamo_exc.TorchDynamoException,)
+    try:
+        from torch._inductor.exc import InductorError
+
+        kinds += (InductorError,)
+    except ImportError:
+        pass
+    return isinstance(e, kinds)
+
+
 def data_identity(data) -> dict:
     """What identifies prepared data across ranks: cache key, tokenizer, block counts, a digest of edge blocks."""
     import hashlib
@@ -467,6 +590,15 @@ def data_identity(data) -> dict:
             digest.update(np.asarray(split[i]["input_ids"]).tobytes())
     return {"fingerprint": data.fingerprint, "tokenizer": vocab, "train_blocks": len(data.train),
             "validation_blocks": len(data.validation), "blocks": digest.hexdigest()[:16]}
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far (Linux reports kibibytes, macOS bytes)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def optimizer_state_bytes(optimizer) -> int:

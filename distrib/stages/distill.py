@@ -178,7 +178,8 @@ class DistillStage:
         """The teacher, frozen, in the training precision (built under ZeRO-3's zero.Init when it applies)."""
         from transformers import AutoModelForCausalLM
 
-        teacher = AutoModelForCausalLM.from_pretrained(cfg.teacher, dtype=dtype)
+        teacher = AutoModelForCausalLM.from_pretrained(cfg.teacher, dtype=dtype,
+                                                       attn_implementation=cfg.model.attn_implementation)
         teacher.config.use_cache = False
         teacher.requires_grad_(False)
         teacher.eval()
