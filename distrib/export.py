@@ -309,7 +309,8 @@ def _zero_tensors(ckpt: Path) -> Loaders:
     model_states = [_mmap_load(f) for f in sorted(ckpt.glob("*model_states.pt"), key=_natural)]
     optim_files = sorted(ckpt.glob("*optim_states.pt"), key=_natural)
     optims = [_mmap_load(f)[OPTIMIZER_STATE_DICT] for f in optim_files]
-    stage, ranks = optims[0][ZERO_STAGE], optims[0][PARTITION_COUNT]
+    # ZeRO-0 in bf16 (DeepSpeed's BF16_Optimizer) saves the stage-1/2 layout without naming a stage
+    stage, ranks = optims[0].get(ZERO_STAGE, 0), optims[0][PARTITION_COUNT]
     ranks = max(ranks) if isinstance(ranks, list) else ranks
     if ranks != len(optims):
         raise RuntimeError(f"{ckpt} holds {len(optims)} optimizer shards for {ranks} ranks; the checkpoint is incomplete")
@@ -326,8 +327,9 @@ def _zero_tensors(ckpt: Path) -> Loaders:
                 offset += math.prod(shape)
                 if paddings is not None:
                     offset += paddings[g][i]
-            align = 2 * ranks  # stage 2 pads each group to a multiple of 2 x ranks
-            if -(-offset // align) != -(-sum(p.numel() for p in parts) // align):
+            total = sum(p.numel() for p in parts)
+            align = 2 * ranks  # stage 1/2 pad each group to a multiple of 2 x ranks; BF16_Optimizer to the ranks
+            if offset > total or (stage > 0 and -(-offset // align) != -(-total // align)):
                 raise RuntimeError(f"{ckpt}: parameter group {g} does not match its optimizer partitions")
     else:
         flat = [o[FP32_FLAT_GROUPS] for o in optims]

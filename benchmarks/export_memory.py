@@ -1,0 +1,177 @@
+"""Peak memory of ``distrib export`` against model size: it must not grow with the model.
+
+Makes two real DeepSpeed checkpoints (ZeRO-2, bf16, one process, one optimizer step, saved by
+distrib's own ``Checkpointer``) of Llama models with the same width and ``--small-layers`` /
+``--large-layers`` blocks, then exports each in a fresh process and reports the peak resident memory
+above that process's baseline (its RSS once everything the export uses is imported). The in-memory
+export (the whole fp32 state consolidated, then ``save_pretrained``) is measured the same way for
+comparison. Finally the larger model is exported with a small ``--shard-mb`` (several shards and an
+index) and must give logits identical to the in-memory export.
+
+    python benchmarks/export_memory.py [--work DIR] [--small-layers 4] [--large-layers 32]
+
+A few minutes on 2 CPU cores; about 3 GB of disk and 3 GB of memory (the training step of the larger).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+VOCAB = 8192
+WIDTH = ["model.hidden_size=512", "model.num_heads=8", "model.num_kv_heads=4", "model.intermediate_size=1408"]
+
+
+def _status(key: str) -> int:
+    """A /proc/self/status field in bytes (VmRSS: resident now, VmHWM: peak resident)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def _tokenizer(vocab: int):
+    """A word-level tokenizer with exactly ``vocab`` entries: the export only saves and counts it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0")
+
+
+def make_checkpoint(out: Path, layers: int) -> None:
+    """One optimizer step of a fresh model on random tokens, saved as a run's checkpoint."""
+    import torch
+
+    from distrib.checkpoint import Checkpointer, TrainState
+    from distrib.config import load_config
+    from distrib.model import build_model, hf_config
+    from distrib.parallelize import build_engine, deepspeed_config
+    from distrib.topology import Topology
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    cfg = load_config(str(ROOT / "configs/pretrain/tiny.yaml"), [
+        f"output_dir={out}", *WIDTH, f"model.num_layers={layers}", "precision=bf16", "parallel.zero_stage=2",
+        "train.micro_batch_size=1", "train.global_batch_size=1", "train.max_steps=1", "train.warmup_steps=0"])
+    topo = Topology.init()
+    tokenizer = _tokenizer(VOCAB)
+    hf_cfg = hf_config(cfg.model, vocab_size=len(tokenizer), seq_len=cfg.data.seq_len)
+    engine = build_engine(build_model(cfg.model, hf_cfg, seed=cfg.seed), cfg, topo, deepspeed_config(cfg, 1))
+    ids = torch.randint(0, VOCAB, (1, cfg.data.seq_len), generator=torch.Generator().manual_seed(0))
+    engine.backward(engine(input_ids=ids, labels=ids).loss)
+    engine.step()
+    state = TrainState(step=1, world_size=1, dp=1, tp=1, zero_stage=2, max_steps=1)
+    Checkpointer(out / "checkpoints", topo, cfg, tokenizer).save(engine, state)
+    print("RESULT", json.dumps({"parameters": sum(p.numel() for p in engine.module.parameters())}))
+
+
+def export(ckpt: Path, out: Path, how: str, shard_mb: int | None) -> None:
+    """Export ``ckpt`` and print the peak RSS above the baseline measured once the imports are done."""
+    import torch  # noqa: F401 - everything the export uses, imported before the baseline
+    import yaml
+    from deepspeed.utils import zero_to_fp32  # noqa: F401
+    from huggingface_hub import split_state_dict_into_shards_factory  # noqa: F401
+    import accelerate  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: F401
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict  # noqa: F401
+
+    from distrib.config import Config
+    from distrib.export import consolidated_state_dict, export_checkpoint
+    from distrib.model import empty_model, hf_config
+    from distrib.parallelize import torch_dtype
+
+    baseline = _status("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS: the peak from here on
+    start = time.perf_counter()
+    if how == "streamed":
+        export_checkpoint(ckpt, out, **({"max_shard_size": shard_mb * 2**20} if shard_mb else {}))
+    else:  # the export as it was: the whole fp32 state in memory, a model assembled from it, save_pretrained
+        cfg = Config.model_validate(yaml.safe_load((ckpt / "config.yaml").read_text()))
+        tokenizer = AutoTokenizer.from_pretrained(ckpt / "tokenizer")
+        model = empty_model(hf_config(cfg.model, vocab_size=len(tokenizer), seq_len=cfg.data.seq_len))
+        model.load_state_dict(consolidated_state_dict(ckpt), strict=False, assign=True)
+        model.tie_weights()
+        dtype = torch_dtype(cfg.precision)
+        model = model.to(dtype)
+        model.config.dtype, model.config.use_cache = dtype, True
+        model.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+    print("RESULT", json.dumps({"baseline": baseline, "peak_above": _status("VmHWM") - baseline,
+                      "seconds": time.perf_counter() - start}))
+
+
+def same_logits(a: Path, b: Path) -> bool:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.randint(0, VOCAB, (2, 64), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return torch.equal(AutoModelForCausalLM.from_pretrained(a)(input_ids=ids).logits,
+                           AutoModelForCausalLM.from_pretrained(b)(input_ids=ids).logits)
+
+
+def _run(*args: str) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, cwd=ROOT, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(args)} failed:\n{proc.stderr[-4000:]}")
+    return json.loads([line for line in proc.stdout.splitlines() if line.startswith("RESULT ")][-1][len("RESULT "):])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--work", type=Path, default=None, help="where the checkpoints go (default: a temp dir)")
+    parser.add_argument("--small-layers", type=int, default=4)
+    parser.add_argument("--large-layers", type=int, default=32)
+    parser.add_argument("--shard-mb", type=int, default=64, help="max_shard_size of the sharded export")
+    args = parser.parse_args()
+    work = args.work or Path(tempfile.mkdtemp(prefix="export-memory-"))
+    mb = 2**20
+    rows = {}
+    for name, layers in (("small", args.small_layers), ("large", args.large_layers)):
+        run = work / name
+        params = _run("_make", str(run), str(layers))["parameters"]
+        ckpt = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+        rows[name] = {"layers": layers, "parameters": params,
+                      "streamed": _run("_export", str(ckpt), str(run / "streamed"), "streamed"),
+                      "in_memory": _run("_export", str(ckpt), str(run / "in_memory"), "in_memory")}
+    large = work / "large"
+    sharded = _run("_export", str(large / "checkpoints" / "step_00000001"), str(large / "sharded"), "streamed",
+                   str(args.shard_mb))
+    shards = sorted(p.name for p in (large / "sharded").glob("model-*.safetensors"))
+    identical = same_logits(large / "sharded", large / "in_memory") and same_logits(large / "streamed", large / "in_memory")
+
+    print(f"{'model':6} {'layers':>6} {'params':>8} {'streamed peak':>14} {'in-memory peak':>15}   (MiB above the baseline RSS)")
+    for name, r in rows.items():
+        print(f"{name:6} {r['layers']:6d} {r['parameters'] / 1e6:7.1f}M {r['streamed']['peak_above'] / mb:14.1f} "
+              f"{r['in_memory']['peak_above'] / mb:15.1f}")
+    ratio = rows["large"]["parameters"] / rows["small"]["parameters"]
+    streamed = rows["large"]["streamed"]["peak_above"] / rows["small"]["streamed"]["peak_above"]
+    in_memory = rows["large"]["in_memory"]["peak_above"] / rows["small"]["in_memory"]["peak_above"]
+    print(f"large/small: parameters {ratio:.2f}x, streamed peak {streamed:.2f}x, in-memory peak {in_memory:.2f}x")
+    print(f"sharded export of the large model ({args.shard_mb} MiB shards): {len(shards)} shards, "
+          f"peak {sharded['peak_above'] / mb:.1f} MiB above the baseline; logits identical to the in-memory export: {identical}")
+    ok = ratio >= 4 and streamed <= 1.5 and identical and len(shards) > 1
+    print("PASS" if ok else "FAIL", f"(checkpoints in {work})")
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "_make":
+        make_checkpoint(Path(sys.argv[2]), int(sys.argv[3]))
+    elif len(sys.argv) > 1 and sys.argv[1] == "_export":
+        export(Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4], int(sys.argv[5]) if len(sys.argv) > 5 else None)
+    else:
+        main()
