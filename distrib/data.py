@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import ast
 import codecs
+import ctypes
+import ctypes.util
 import glob
 import hashlib
 import inspect
@@ -113,6 +115,47 @@ IGNORE_INDEX = -100
 
 #: A document of a built-in corpus: a text, or a prompt/response dict.
 _Doc = TypeVar("_Doc")
+
+
+# -- memory-mapped files ----------------------------------------------------------------------
+
+#: ``madvise(2)`` where there is one (Linux, the BSDs, macOS), else None.
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True) if os.name == "posix" else None
+_MADVISE = getattr(_LIBC, "madvise", None)
+if _MADVISE is not None:
+    _MADVISE.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_MADV_DONTNEED = 4
+
+
+def _release_pages(files: Iterable[str]) -> None:
+    """Drop the resident pages of this process's read-only memory maps of ``files``.
+
+    ``datasets`` memory-maps its Arrow files, and every page a pass reads stays mapped, counted
+    in the process's resident memory, until the file is closed: a pass over a corpus's text or
+    tokens would make the memory of a preparing process (and of a training rank, over an epoch
+    of random reads) grow with the data, though the pages are only the kernel's file cache. For
+    read-only file mappings ``MADV_DONTNEED`` unmaps them at no risk: the next read faults them
+    back from the file (or the cache, if the kernel kept them). Only mappings without write
+    permission are touched; where ``/proc/self/maps`` or ``madvise`` is missing this does nothing.
+    """
+    names = {os.path.realpath(f) for f in files}
+    if _MADVISE is None or not names:
+        return
+    try:
+        with open("/proc/self/maps") as f:
+            maps = f.read()
+    except OSError:
+        return
+    for line in maps.splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5] in names and "w" not in fields[1]:
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            _MADVISE(start, end - start, _MADV_DONTNEED)
+
+
+def _mapped_files(ds: Dataset) -> list[str]:
+    """The Arrow files ``ds`` reads its rows from (none for an in-memory dataset)."""
+    return [f["filename"] for f in ds.cache_files]
 
 
 # -- built-in corpus -------------------------------------------------------------------------
@@ -522,7 +565,9 @@ def _load_files(files: list[str], cfg: DataConfig, hf_cache: str, key: str) -> D
         groups.setdefault(_LOADERS[Path(path).suffix.lower()], []).append(path)
     parts = []
     for builder, paths in groups.items():
-        extra = {"sample_by": "paragraph"} if builder == "text" else {}
+        # Paragraphs are the same for any chunk size; the default 10 MB chunks, split into Python
+        # strings, would cost a few hundred MB at the peak, and fragment the heap more, the more there are.
+        extra = {"sample_by": "paragraph", "chunksize": _READ_CHUNK} if builder == "text" else {}
         try:
             ds = load_dataset(builder, data_files=paths, split="train", cache_dir=hf_cache, **extra)
         except (DatasetGenerationError, pa.ArrowException, ValueError) as e:
@@ -848,8 +893,14 @@ def _documents(ds: Dataset, field: str, where: object) -> Dataset:
             f"its columns are {ds.column_names}; set data.text_field"
         )
     ds = ds.select_columns([field])
-    ds = ds.filter(lambda batch: [isinstance(t, str) and bool(t.strip()) for t in batch[field]], batched=True)
+    ds = ds.filter(_non_empty, batched=True, fn_kwargs={"field": field, "release": _mapped_files(ds)})
     return ds.rename_column(field, "text") if field != "text" else ds
+
+
+def _non_empty(batch: dict, field: str, release: list[str] = ()) -> list[bool]:
+    """Which texts of ``batch[field]`` are non-empty strings; releases the pages read (see :func:`_release_pages`)."""
+    _release_pages(release)
+    return [isinstance(t, str) and bool(t.strip()) for t in batch[field]]
 
 
 def _split_off(train: Dataset, fraction: float, source: str) -> tuple[Dataset, Dataset]:
@@ -1144,7 +1195,7 @@ def _build(cfg: DataConfig, spec: dict, out: Path) -> None:
         tokenized = docs.map(
             _encode_pairs if pairs else _encode,
             batched=True,
-            fn_kwargs={"tokenizer": tokenizer},
+            fn_kwargs={"tokenizer": tokenizer, "release": _mapped_files(docs)},
             num_proc=_num_proc(len(docs), cfg.num_proc),
             remove_columns=docs.column_names,
             features=_PAIR_FEATURES if pairs else None,
@@ -1165,12 +1216,29 @@ def _build(cfg: DataConfig, spec: dict, out: Path) -> None:
             packed, num_tokens = _pack(tokenized, tokenizer.eos_token_id, cfg.seq_len, blocks_file)
             if len(packed) == 0:
                 raise ConfigError(_too_little_data(cfg, split, num_tokens))
-        packed.save_to_disk(str(out / split))
+        _save_blocks(packed, out / split)
         meta["documents"][split], meta["blocks"][split], meta["tokens"][split] = len(docs), len(packed), num_tokens
         del tokenized, packed  # the blocks are memory-mapped from scratch, deleted next
     shutil.rmtree(scratch, ignore_errors=True)
     shutil.rmtree(hf_cache, ignore_errors=True)
     (out / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+
+
+def _save_blocks(blocks: Dataset, directory: Path) -> None:
+    """Save the blocks, memory-mapped from one Arrow file, where ``load_from_disk`` reads them, by moving the file.
+
+    ``save_to_disk`` would read every block back through the memory map to copy it; the blocks
+    are already written in the format it writes (an Arrow stream), so the directory is made by
+    saving the first block alone (``state.json``, ``dataset_info.json``: the same features) and
+    putting the blocks' file in place of its data file.
+    """
+    files = _mapped_files(blocks)
+    if len(files) != 1 or blocks._indices is not None or not len(blocks):  # not one plain file: copy
+        blocks.save_to_disk(str(directory))
+        return
+    blocks.select(range(1)).save_to_disk(str(directory))
+    (data_file,) = json.loads((directory / "state.json").read_text())["_data_files"]
+    os.replace(files[0], directory / data_file["filename"])
 
 
 def _no_examples(cfg: DataConfig, split: str, stats: dict) -> str:
@@ -1226,19 +1294,22 @@ def _iter_text(ds: Dataset) -> Iterator[str]:
     """The texts of ``ds`` to train a tokenizer on: the ``text`` column, or each prompt and response."""
     # Batched iteration: never materialises a hub-sized split as one Python list.
     columns = ["prompt", "response"] if "prompt" in ds.column_names else ["text"]
+    files = _mapped_files(ds)
     for batch in ds.iter(batch_size=1000):
         for row in zip(*(batch[c] for c in columns)):
             yield from row
+        _release_pages(files)
 
 
 def _num_proc(num_docs: int, num_proc: int) -> int | None:
     return num_proc if num_proc > 1 and num_docs >= num_proc * _MIN_DOCS_PER_PROC else None
 
 
-def _encode(batch: dict, tokenizer: PreTrainedTokenizerFast) -> dict:
+def _encode(batch: dict, tokenizer: PreTrainedTokenizerFast, release: list[str] = ()) -> dict:
     # No special tokens: packing adds the single eos after each document itself. verbose=False
     # silences the "longer than model_max_length" warning, which is meaningless before packing.
     ids = tokenizer(batch["text"], add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
+    _release_pages(release)  # the text files' pages this batch was read from (see _release_pages)
     return {"input_ids": ids}
 
 
@@ -1299,8 +1370,9 @@ def _pack(tokenized: Dataset, eos_id: int, seq_len: int, path: Path | None = Non
     It streams, so memory does not grow with the corpus: the stream comes in pieces of about
     ``_STREAM_CHUNK_TOKENS`` tokens (:func:`_stream_pieces`), the tokens short of a whole block at
     the end of a piece are carried over to the next, and with ``path`` the blocks go to an Arrow
-    file there as they are cut (memory mapped back at the end). The blocks are the same for any
-    piece size.
+    file there as they are cut (memory mapped back at the end). The pages of the tokenized column
+    are released as they are read (:func:`_release_pages`). The blocks are the same for any piece
+    size.
 
     Args:
         tokenized: column ``input_ids``, one list of ids per document.
@@ -1316,8 +1388,10 @@ def _pack(tokenized: Dataset, eos_id: int, seq_len: int, path: Path | None = Non
     batches = []
     carry = np.empty(0, dtype=np.int32)  # the tokens after the last whole block so far, fewer than seq_len
     num_tokens = 0
+    files = _mapped_files(tokenized)
     try:
         for piece in _stream_pieces(tokenized, eos_id, _STREAM_CHUNK_TOKENS):
+            _release_pages(files)  # the pages of the ids just read (the piece is a copy)
             num_tokens += len(piece)
             stream = np.concatenate([carry, piece]) if len(carry) else piece
             usable = len(stream) // seq_len * seq_len
@@ -1346,12 +1420,13 @@ _PAIR_FEATURES = Features({"input_ids": List(Value("int32")), "prompt_len": Valu
 _PACK_CHUNK_TOKENS = 1 << 22
 
 
-def _encode_pairs(batch: dict, tokenizer: PreTrainedTokenizerFast) -> dict:
+def _encode_pairs(batch: dict, tokenizer: PreTrainedTokenizerFast, release: list[str] = ()) -> dict:
     # Prompt and response are tokenized apart, so the boundary between them (where the labels
     # start) falls between tokens; joint tokenization could merge its two sides into one token.
     prompts = tokenizer(batch["prompt"], add_special_tokens=False, return_attention_mask=False, verbose=False)
     responses = tokenizer(batch["response"], add_special_tokens=False, return_attention_mask=False, verbose=False)
     eos = [tokenizer.eos_token_id]
+    _release_pages(release)
     return {
         "input_ids": [p + r + eos for p, r in zip(prompts["input_ids"], responses["input_ids"])],
         "prompt_len": [len(p) for p in prompts["input_ids"]],
@@ -1414,8 +1489,10 @@ def _pack_examples(tokenized: Dataset, pad_id: int, seq_len: int, path: Path | N
         else:
             batches.append(batch)
 
+    files = _mapped_files(tokenized)
     try:
         for record in tokenized.data.to_batches(max_chunksize=max(1, _PACK_CHUNK_TOKENS // seq_len)):
+            _release_pages(files)  # those of the chunks before (see _release_pages)
             column = record.column("input_ids")
             offsets = column.offsets.to_numpy().astype(np.int64)  # into column.values, also for a slice
             values = column.values.to_numpy()
@@ -1626,13 +1703,26 @@ def _mix64(z: np.ndarray) -> np.ndarray:
     return z ^ (z >> np.uint64(31))
 
 
+#: :func:`collate` releases the pages it has read every this many calls: reading the process's
+#: memory map takes about a millisecond, and the pages between two releases are few (a batch's
+#: blocks, and what the kernel maps around each, some 64 KiB).
+_RELEASE_EVERY_BATCHES = 32
+_collated = 0
+
+
 def collate(dataset: Dataset, indices: Iterable[int]) -> dict[str, torch.Tensor]:
     """Stack the blocks at ``indices`` into ``{"input_ids": LongTensor[B, seq_len]}``, plus ``labels`` if any.
 
     Packed text has no ``labels`` column: every next token is a target, so the caller passes
     ``labels=input_ids`` (the model shifts them itself). Prompt/response blocks have one, ``-100``
-    on the positions without loss.
+    on the positions without loss. The pages of the memory-mapped blocks read are released every
+    ``_RELEASE_EVERY_BATCHES`` calls (:func:`_release_pages`), so a rank's resident memory does not
+    grow with the dataset over an epoch.
     """
     rows = dataset[[int(i) for i in indices]]
+    global _collated
+    _collated += 1
+    if _collated % _RELEASE_EVERY_BATCHES == 0:  # or an epoch of random reads keeps the whole file resident
+        _release_pages(_mapped_files(dataset))
     columns = ("input_ids", "labels") if "labels" in dataset.column_names else ("input_ids",)
     return {c: torch.as_tensor(np.asarray(rows[c]), dtype=torch.long) for c in columns}
