@@ -345,6 +345,10 @@ class TrainConfig(_Section):
     log_every_steps: Int = Field(1, gt=0)
     #: What a non-finite loss does: ``stop`` (name the step, save nothing) or ``skip`` the micro-batch.
     nonfinite: Literal["stop", "skip"] = "stop"
+    #: On the CPU, keep host memory a step frees for the next step instead of returning it to the OS
+    #: (see :func:`distrib.utils.keep_freed_host_memory`): each step then reuses its activations' pages
+    #: rather than faulting in fresh zeroed ones. The resident size stays at its peak.
+    keep_host_memory: bool = True
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
@@ -926,6 +930,7 @@ RUN_CONTROL_KEYS = (
     "train.exit_after_minutes",
     "train.log_every_steps",
     "train.nonfinite",
+    "train.keep_host_memory",
     "parallel.timeout_minutes",
     "checkpoint",
     "eval",

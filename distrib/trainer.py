@@ -29,7 +29,7 @@ from distrib.model import count_parameters, flops_per_token, forward_flops_per_t
 from distrib.parallelize import build_engine, deepspeed_config, torch_dtype
 from distrib.tensor_parallel import apply_plan
 from distrib.topology import Topology
-from distrib.utils import StopRequest, log_main
+from distrib.utils import StopRequest, keep_freed_host_memory, log_main
 
 @dataclass
 class LossOut:
@@ -107,6 +107,8 @@ class Trainer:
         self.out = Path(cfg.output_dir)
         self.started = time.monotonic()
         self.stop = stop or StopRequest()
+        if cfg.train.keep_host_memory and topo.device.type == "cpu":
+            keep_freed_host_memory()  # before the model and its first step allocate
 
         if topo.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
