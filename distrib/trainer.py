@@ -620,7 +620,8 @@ def optimizer_state_bytes(optimizer) -> int:
         for st in getattr(opt, "state", {}).values():
             for v in (st.values() if isinstance(st, dict) else ()):
                 add(v)
-        for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat_partition"):
+        for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat_partition",
+                     "fp32_groups_flat"):  # ZeRO-1/2, ZeRO-3, bf16, and ZeRO-0 in bf16/fp16 (whole fp32 masters)
             for t in getattr(opt, name, None) or ():
                 add(t)
         opt = getattr(opt, "optimizer", None)
