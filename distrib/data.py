@@ -1,8 +1,13 @@
 """Text in, fixed-length token blocks out: corpora, tokenizer, packing, disk cache, and the sampler.
 
-The pipeline is ``load_text`` -> ``load_or_train_tokenizer`` -> tokenize (``datasets.map``) -> pack into
+The pipeline is ``load_text`` -> ``load_or_train_tokenizer`` -> tokenize (:func:`_tokenize`) -> pack into
 blocks of exactly ``seq_len`` tokens. :func:`prepare_data` runs it once per data-defining configuration
 and caches the result on disk, so repeated runs and the ranks of one run share the work.
+
+Preparation runs in memory bounded by constants, not by the corpus: text files are parsed in 1 MB
+chunks, tokenized a batch of documents at a time into an Arrow file, packed as a stream, and the
+pages of every memory-mapped file a pass reads are released behind it (:func:`_release_pages`);
+``distrib prepare-data`` runs it alone, e.g. on a login node before a job.
 
 Two formats (``data.format``): ``text`` packs documents back to back into ``input_ids`` blocks, every
 token a target (pretraining); ``prompt_response`` packs whole prompt/response examples into padded
@@ -63,7 +68,13 @@ EOT = "<|endoftext|>"
 #: Bump when the cache layout or the packing changes, so that old caches are not reused.
 _CACHE_FORMAT = 1
 
-#: Below this many documents per worker, starting ``map`` workers costs more than it saves.
+#: Documents per tokenizing batch (:func:`_tokenize`). The pages of the text a batch reads are
+#: released after it; when the split was shuffled (validation held out of the train files) its rows
+#: lie all over the file, and each maps some 64 KiB around it, so this bounds the resident text to
+#: about 16 MB.
+_TOKENIZE_BATCH = 256
+
+#: Below this many documents per worker, starting tokenizing processes costs more than it saves.
 _MIN_DOCS_PER_PROC = 1000
 
 #: The tokenizer is trained on at most this many characters of the train split: BPE statistics
@@ -1192,18 +1203,8 @@ def _build(cfg: DataConfig, spec: dict, out: Path) -> None:
     meta = {"spec": spec, "documents": {}, "blocks": {}, "tokens": {}}
     for split in ("train", "validation"):
         docs = texts[split]
-        tokenized = docs.map(
-            _encode_pairs if pairs else _encode,
-            batched=True,
-            fn_kwargs={"tokenizer": tokenizer, "release": _mapped_files(docs)},
-            num_proc=_num_proc(len(docs), cfg.num_proc),
-            remove_columns=docs.column_names,
-            features=_PAIR_FEATURES if pairs else None,
-            cache_file_name=str(scratch / f"{split}.arrow"),  # keep intermediates inside the build dir
-            load_from_cache_file=False,
-            new_fingerprint=f"{out.name}-{split}",  # skips hashing the tokenizer, which is slow
-            desc=f"tokenizing {split}",
-        )
+        logger.info("tokenizing the %s split: %d documents", split, len(docs))
+        tokenized = _tokenize(docs, tokenizer, pairs, scratch / f"{split}.arrow", _num_proc(len(docs), cfg.num_proc))
         blocks_file = scratch / f"{split}-packed.arrow"
         if pairs:
             packed, stats = _pack_examples(tokenized, tokenizer.pad_token_id, cfg.seq_len, blocks_file)
@@ -1224,21 +1225,40 @@ def _build(cfg: DataConfig, spec: dict, out: Path) -> None:
     (out / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
 
 
-def _save_blocks(blocks: Dataset, directory: Path) -> None:
-    """Save the blocks, memory-mapped from one Arrow file, where ``load_from_disk`` reads them, by moving the file.
+#: Rows per record batch of a saved split, as ``save_to_disk`` writes them. A training rank reads
+#: single rows at random; larger batches make each read map more of the file around it.
+_ROWS_PER_BATCH = 1000
 
-    ``save_to_disk`` would read every block back through the memory map to copy it; the blocks
-    are already written in the format it writes (an Arrow stream), so the directory is made by
-    saving the first block alone (``state.json``, ``dataset_info.json``: the same features) and
-    putting the blocks' file in place of its data file.
+
+def _save_blocks(blocks: Dataset, directory: Path) -> None:
+    """Save the blocks, memory-mapped from one Arrow file, where ``load_from_disk`` reads them.
+
+    What ``blocks.save_to_disk(directory)`` writes (the ``state.json`` and ``dataset_info.json`` of
+    the same features, one Arrow stream of ``_ROWS_PER_BATCH``-row record batches), but read from
+    the blocks' file with plain reads, a record batch at a time, rather than through its memory
+    map, whose pages would stay resident to the end: memory is bounded by a batch of the file.
     """
     files = _mapped_files(blocks)
-    if len(files) != 1 or blocks._indices is not None or not len(blocks):  # not one plain file: copy
+    if len(files) != 1 or blocks._indices is not None or not len(blocks):  # not one plain file
         blocks.save_to_disk(str(directory))
         return
     blocks.select(range(1)).save_to_disk(str(directory))
     (data_file,) = json.loads((directory / "state.json").read_text())["_data_files"]
-    os.replace(files[0], directory / data_file["filename"])
+    target = directory / data_file["filename"]
+    schema = blocks.features.arrow_schema
+    with pa.OSFile(files[0]) as source, pa.ipc.open_stream(source) as reader, pa.ipc.new_stream(str(target), schema) as sink:
+        pending: list[pa.RecordBatch] = []
+        rows = 0
+        for batch in reader:
+            pending.append(batch)
+            rows += batch.num_rows
+            if rows >= _ROWS_PER_BATCH:
+                table = pa.Table.from_batches(pending).combine_chunks()
+                whole = rows // _ROWS_PER_BATCH * _ROWS_PER_BATCH
+                sink.write_table(table.slice(0, whole).cast(schema), max_chunksize=_ROWS_PER_BATCH)
+                pending, rows = table.slice(whole).to_batches(), rows - whole
+        if rows:
+            sink.write_table(pa.Table.from_batches(pending).cast(schema), max_chunksize=_ROWS_PER_BATCH)
 
 
 def _no_examples(cfg: DataConfig, split: str, stats: dict) -> str:
@@ -1305,11 +1325,57 @@ def _num_proc(num_docs: int, num_proc: int) -> int | None:
     return num_proc if num_proc > 1 and num_docs >= num_proc * _MIN_DOCS_PER_PROC else None
 
 
-def _encode(batch: dict, tokenizer: PreTrainedTokenizerFast, release: list[str] = ()) -> dict:
+def _tokenize(docs: Dataset, tokenizer: PreTrainedTokenizerFast, pairs: bool, path: Path, num_proc: int | None) -> Dataset:
+    """Tokenize ``docs`` into Arrow files at ``path`` (one per process), memory-mapped back in order.
+
+    What ``docs.map(encode, batched=True, num_proc=n)`` does, in bounded memory: with ``n``
+    processes each tokenizes one contiguous shard (as ``map`` shards), so the concatenation, and
+    the blocks packed from it, are the same for any ``n``. Unlike ``map``, which writes one record
+    batch per batch read, the ids are written in record batches of about
+    ``_STREAM_CHUNK_TOKENS`` tokens: memory-mapping a file reads every batch's header, and the
+    kernel maps some 64 KiB around each, so small batches would make the whole file resident.
+    The text is read ``_TOKENIZE_BATCH`` documents at a time, its pages released after each.
+    """
+    shards = num_proc or 1
+    paths = [path] if shards == 1 else [path.with_name(f"{path.stem}-{i:05d}-of-{shards:05d}.arrow") for i in range(shards)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    jobs = [(docs.shard(shards, i, contiguous=True) if shards > 1 else docs, tokenizer, pairs, str(p))
+            for i, p in enumerate(paths)]
+    if shards == 1:
+        _tokenize_shard(*jobs[0])
+    else:
+        import multiprocess  # datasets' own dependency: pickles what multiprocessing cannot
+
+        with multiprocess.get_context("fork").Pool(shards) as pool:
+            pool.starmap(_tokenize_shard, jobs)
+    parts = [Dataset.from_file(str(p)) for p in paths]
+    return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+
+
+def _tokenize_shard(docs: Dataset, tokenizer: PreTrainedTokenizerFast, pairs: bool, path: str) -> None:
+    """Tokenize ``docs`` into an Arrow stream file at ``path``, in large record batches (see :func:`_tokenize`)."""
+    schema = _PAIR_FEATURES.arrow_schema if pairs else pa.schema([("input_ids", pa.list_(pa.int32()))])
+    encode = _encode_pairs if pairs else _encode
+    files = _mapped_files(docs)
+    pending: list[pa.Table] = []
+    pending_tokens = 0
+    with pa.ipc.new_stream(path, schema) as sink:
+        for batch in docs.iter(batch_size=_TOKENIZE_BATCH):
+            _release_pages(files)  # the text this batch was read from
+            table = pa.Table.from_pydict(encode(batch, tokenizer), schema=schema)
+            pending.append(table)
+            pending_tokens += sum(len(chunk.values) for chunk in table.column("input_ids").chunks)
+            if pending_tokens >= _STREAM_CHUNK_TOKENS:
+                sink.write_table(pa.concat_tables(pending).combine_chunks())
+                pending, pending_tokens = [], 0
+        if pending:
+            sink.write_table(pa.concat_tables(pending).combine_chunks())
+
+
+def _encode(batch: dict, tokenizer: PreTrainedTokenizerFast) -> dict:
     # No special tokens: packing adds the single eos after each document itself. verbose=False
     # silences the "longer than model_max_length" warning, which is meaningless before packing.
     ids = tokenizer(batch["text"], add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
-    _release_pages(release)  # the text files' pages this batch was read from (see _release_pages)
     return {"input_ids": ids}
 
 
@@ -1362,8 +1428,9 @@ def _pack(tokenized: Dataset, eos_id: int, seq_len: int, path: Path | None = Non
     """Concatenate every document's ids followed by eos, cut into blocks of exactly ``seq_len``.
 
     Packing is one sequential pass over the tokenized column, after (not inside) the
-    multi-process ``map``: ``map(num_proc=n)`` splits the data into n contiguous shards, so packing
-    per map batch would place block boundaries (and drop remainders) differently for each n.
+    multi-process tokenization (:func:`_tokenize`), which splits the data into n contiguous shards
+    for n processes: packing per shard or batch would place block boundaries (and drop remainders)
+    differently for each n.
     A single pass makes the blocks a function of the documents only; the one remainder shorter
     than ``seq_len`` at the end is dropped.
 
@@ -1386,23 +1453,39 @@ def _pack(tokenized: Dataset, eos_id: int, seq_len: int, path: Path | None = Non
     schema = pa.schema([("input_ids", pa.list_(pa.int32(), seq_len))])
     sink = pa.ipc.new_stream(str(path), schema) if path is not None else None
     batches = []
-    carry = np.empty(0, dtype=np.int32)  # the tokens after the last whole block so far, fewer than seq_len
+    # The stream not yet cut: the tokens after the last whole block, then the pieces read since.
+    # Pieces are gathered up to _STREAM_CHUNK_TOKENS before cutting, so that the file's record
+    # batches are large whatever the documents per tokenized chunk: a reader's pass over the
+    # batch headers then touches few of the file's pages.
+    pending: list[np.ndarray] = []
+    pending_tokens = 0
     num_tokens = 0
     files = _mapped_files(tokenized)
+
+    def cut() -> None:
+        nonlocal pending, pending_tokens
+        stream = np.concatenate(pending) if len(pending) > 1 else pending[0]
+        usable = len(stream) // seq_len * seq_len
+        if usable:
+            blocks = pa.FixedSizeListArray.from_arrays(pa.array(stream[:usable]), seq_len)
+            batch = pa.RecordBatch.from_arrays([blocks], schema=schema)
+            if sink is not None:
+                sink.write_batch(batch)
+            else:
+                batches.append(batch)
+        pending = [stream[usable:].copy()]  # a copy, so that the pieces can be freed
+        pending_tokens = len(pending[0])
+
     try:
         for piece in _stream_pieces(tokenized, eos_id, _STREAM_CHUNK_TOKENS):
             _release_pages(files)  # the pages of the ids just read (the piece is a copy)
             num_tokens += len(piece)
-            stream = np.concatenate([carry, piece]) if len(carry) else piece
-            usable = len(stream) // seq_len * seq_len
-            if usable:
-                blocks = pa.FixedSizeListArray.from_arrays(pa.array(stream[:usable]), seq_len)
-                batch = pa.RecordBatch.from_arrays([blocks], schema=schema)
-                if sink is not None:
-                    sink.write_batch(batch)
-                else:
-                    batches.append(batch)
-            carry = stream[usable:].copy()  # a copy, so the piece itself can be freed
+            pending.append(piece)
+            pending_tokens += len(piece)
+            if pending_tokens >= _STREAM_CHUNK_TOKENS:
+                cut()
+        if pending:
+            cut()
     finally:
         if sink is not None:
             sink.close()
@@ -1420,13 +1503,12 @@ _PAIR_FEATURES = Features({"input_ids": List(Value("int32")), "prompt_len": Valu
 _PACK_CHUNK_TOKENS = 1 << 22
 
 
-def _encode_pairs(batch: dict, tokenizer: PreTrainedTokenizerFast, release: list[str] = ()) -> dict:
+def _encode_pairs(batch: dict, tokenizer: PreTrainedTokenizerFast) -> dict:
     # Prompt and response are tokenized apart, so the boundary between them (where the labels
     # start) falls between tokens; joint tokenization could merge its two sides into one token.
     prompts = tokenizer(batch["prompt"], add_special_tokens=False, return_attention_mask=False, verbose=False)
     responses = tokenizer(batch["response"], add_special_tokens=False, return_attention_mask=False, verbose=False)
     eos = [tokenizer.eos_token_id]
-    _release_pages(release)
     return {
         "input_ids": [p + r + eos for p, r in zip(prompts["input_ids"], responses["input_ids"])],
         "prompt_len": [len(p) for p in prompts["input_ids"]],
@@ -1453,7 +1535,7 @@ def _pack_examples(tokenized: Dataset, pad_id: int, seq_len: int, path: Path | N
     a response sees its own prompt and, further back, unrelated examples. That noisier context is
     the usual price of packing's throughput (far less padding than one example per block).
 
-    Like :func:`_pack`, this is one sequential pass after the multi-process ``map``, so the blocks
+    Like :func:`_pack`, this is one sequential pass after the multi-process tokenization, so the blocks
     depend on the examples only, never on ``num_proc``. It streams: ``_PACK_CHUNK_TOKENS // seq_len``
     examples at a time, the placement a loop over their lengths and the copying vectorised, carrying the one
     open block from chunk to chunk; with ``path`` the blocks go to an Arrow file there (memory
@@ -1706,7 +1788,7 @@ def _mix64(z: np.ndarray) -> np.ndarray:
 #: :func:`collate` releases the pages it has read every this many calls: reading the process's
 #: memory map takes about a millisecond, and the pages between two releases are few (a batch's
 #: blocks, and what the kernel maps around each, some 64 KiB).
-_RELEASE_EVERY_BATCHES = 32
+_RELEASE_EVERY_BATCHES = 16
 _collated = 0
 
 

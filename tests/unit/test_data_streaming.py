@@ -7,8 +7,11 @@ pieces it streams in; tiny piece sizes force every boundary case into a few doze
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
+import torch
 from datasets import Dataset
 
 from distrib import data
@@ -91,3 +94,33 @@ def test_prepare_data_refuses_a_bad_key_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("distrib: error:") and "data.no_such_key" in err[0]
     assert not any(tmp_path.iterdir())
+
+
+# -- resident pages of memory-mapped files ---------------------------------------------------------
+
+
+def _resident_kib(path) -> int:
+    total, current = 0, None
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5:
+                current = fields[5] if len(fields) > 5 else None
+            elif fields[0] == "Rss:" and current == str(path):
+                total += int(fields[1])
+    return total
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads /proc/self/smaps")
+def test_reading_blocks_does_not_keep_the_file_resident(tmp_path, monkeypatch):
+    rows = np.arange(4096 * 1024, dtype=np.int32).reshape(-1, 1024)  # 16 MiB of blocks
+    Dataset.from_dict({"input_ids": rows}).save_to_disk(str(tmp_path / "blocks"))
+    blocks = data.load_from_disk(str(tmp_path / "blocks")).with_format("numpy")
+    (path,) = [os.path.realpath(f) for f in data._mapped_files(blocks)]
+    assert blocks[:]["input_ids"].sum() == rows.sum()  # a whole pass: every page read
+    assert _resident_kib(path) > 8 << 10
+    monkeypatch.setattr(data, "_RELEASE_EVERY_BATCHES", 4)
+    monkeypatch.setattr(data, "_collated", 0)  # the 4th call releases
+    batches = [data.collate(blocks, range(i, 4096, 512)) for i in range(4)]
+    assert _resident_kib(path) < 2 << 10  # released, and the data still reads right
+    assert all(torch.equal(b["input_ids"], torch.as_tensor(rows[i::512], dtype=torch.long)) for i, b in enumerate(batches))
