@@ -18,13 +18,23 @@ def eager(tmp_path_factory, data_cache):
     return out
 
 
-@pytest.mark.parametrize("zero", [2, 3])
-def test_compiled_losses_match_eager(tmp_path, data_cache, eager, zero):
-    proc = run_distrib(*small(tmp_path, data_cache, *BF16, f"parallel.zero_stage={zero}", "model.compile=true"),
+def _compiled(out, data_cache, zero: int, *extra: str):
+    proc = run_distrib(*small(out, data_cache, *BF16, f"parallel.zero_stage={zero}", "model.compile=true", *extra),
                        nproc=2)
     said = proc.stdout + proc.stderr
     assert "model.compile: the model and its loss compile" in said and "training uncompiled" not in said
-    got, want = losses(tmp_path), losses(eager)
+    return out
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory, data_cache):
+    return _compiled(tmp_path_factory.mktemp("compiled"), data_cache, 2)
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_compiled_losses_match_eager(tmp_path, data_cache, eager, compiled, zero):
+    out = compiled if zero == 2 else _compiled(tmp_path, data_cache, zero)
+    got, want = losses(out), losses(eager)
     assert got.keys() == want.keys() and len(got) == 12
     for step in want:  # bf16 has 8 bits of mantissa: the same computation in another order agrees to ~1%
         assert got[step] == pytest.approx(want[step], rel=2e-2), step
@@ -37,3 +47,10 @@ def test_a_failing_compiler_falls_back_to_eager_in_one_line(tmp_path, data_cache
     said = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "compiling failed" in ln]
     assert len(said) == 1 and said[0].endswith("training uncompiled") and "injected compiler failure" in said[0]
     assert losses(tmp_path) == losses(eager)  # exactly the eager run
+
+
+def test_a_compiled_run_resumes_exactly(tmp_path, data_cache, compiled):
+    _compiled(tmp_path, data_cache, 2, "train.exit_after_steps=5")
+    _compiled(tmp_path, data_cache, 2)  # the same command: resumes at step 5 and compiles again
+    assert losses(tmp_path) == losses(compiled)  # all 12 steps, the 7 after the resume included, bitwise
+    assert (tmp_path / "hf" / "model.safetensors").read_bytes() == (compiled / "hf" / "model.safetensors").read_bytes()
