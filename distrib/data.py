@@ -1258,7 +1258,7 @@ def _save_blocks(blocks: Dataset, directory: Path) -> None:
                 sink.write_table(table.slice(0, whole).cast(schema), max_chunksize=_ROWS_PER_BATCH)
                 pending, rows = table.slice(whole).to_batches(), rows - whole
         if rows:
-            sink.write_table(pa.Table.from_batches(pending).cast(schema), max_chunksize=_ROWS_PER_BATCH)
+            sink.write_table(pa.Table.from_batches(pending).combine_chunks().cast(schema), max_chunksize=_ROWS_PER_BATCH)
 
 
 def _no_examples(cfg: DataConfig, split: str, stats: dict) -> str:
@@ -1344,9 +1344,9 @@ def _tokenize(docs: Dataset, tokenizer: PreTrainedTokenizerFast, pairs: bool, pa
     if shards == 1:
         _tokenize_shard(*jobs[0])
     else:
-        import multiprocess  # datasets' own dependency: pickles what multiprocessing cannot
+        import multiprocess  # datasets' own dependency (its map uses it): pickles what multiprocessing cannot
 
-        with multiprocess.get_context("fork").Pool(shards) as pool:
+        with multiprocess.Pool(shards) as pool:
             pool.starmap(_tokenize_shard, jobs)
     parts = [Dataset.from_file(str(p)) for p in paths]
     return parts[0] if len(parts) == 1 else concatenate_datasets(parts)

@@ -124,3 +124,15 @@ def test_reading_blocks_does_not_keep_the_file_resident(tmp_path, monkeypatch):
     batches = [data.collate(blocks, range(i, 4096, 512)) for i in range(4)]
     assert _resident_kib(path) < 2 << 10  # released, and the data still reads right
     assert all(torch.equal(b["input_ids"], torch.as_tensor(rows[i::512], dtype=torch.long)) for i, b in enumerate(batches))
+
+
+def test_saved_blocks_are_the_packed_blocks_in_batches_of_1000_rows(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "_STREAM_CHUNK_TOKENS", 997)  # many small record batches in the packed file
+    docs = [list(range(1, 1 + n % 50)) for n in range(3000)]
+    packed, _ = data._pack(tokenized(docs), eos_id=0, seq_len=8, path=tmp_path / "packed.arrow")
+    expected = packed[:]["input_ids"]
+    data._save_blocks(packed, tmp_path / "train")
+    saved = data.load_from_disk(str(tmp_path / "train"))
+    assert saved.features == packed.features and saved[:]["input_ids"] == expected
+    sizes = [b.num_rows for b in saved.data.to_batches()]
+    assert sizes[:-1] == [1000] * (len(sizes) - 1) and 0 < sizes[-1] <= 1000  # as save_to_disk writes them
