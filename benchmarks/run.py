@@ -58,7 +58,7 @@ def prepare(work: Path, nproc: int) -> dict:
     hf = hf_config(cfg.model, vocab_size=len(data.tokenizer), seq_len=cfg.data.seq_len)
     work.mkdir(parents=True, exist_ok=True)
     hf.save_pretrained(work / "model")
-    (work / "ds_config.json").write_text(json.dumps(deepspeed_config(cfg, nproc, accelerator="cpu"), indent=1))
+    (work / "ds_config.json").write_text(json.dumps(deepspeed_config(cfg, nproc), indent=1))  # for this accelerator
     blocks = work / "blocks.npy"
     if not blocks.is_file():
         np.save(blocks, np.asarray(data.train[:]["input_ids"], dtype=np.int32))
