@@ -53,7 +53,7 @@ def prepare(work: Path, nproc: int) -> dict:
     from distrib.model import count_parameters, flops_per_token, hf_config, matmul_shape
     from distrib.parallelize import deepspeed_config
 
-    cfg = load_config(str(REFERENCE), [])
+    cfg = load_config(str(REFERENCE), batch_overrides(nproc))
     data = prepare_data(cfg.data, cfg.seed)
     hf = hf_config(cfg.model, vocab_size=len(data.tokenizer), seq_len=cfg.data.seq_len)
     work.mkdir(parents=True, exist_ok=True)
@@ -66,6 +66,14 @@ def prepare(work: Path, nproc: int) -> dict:
     return {"tokens_per_step": cfg.train.global_batch_size * cfg.data.seq_len,
             "flops_per_token": flops_per_token(hf, n_params, cfg.data.seq_len), "params": n_params,
             "matmul": matmul_shape(hf, cfg.train.micro_batch_size * cfg.data.seq_len)}
+
+
+def batch_overrides(nproc: int) -> list[str]:
+    """One micro-batch per process a step, whatever the process count (16 sequences on 2 processes)."""
+    from distrib.config import load_config
+
+    micro = load_config(str(REFERENCE), []).train.micro_batch_size
+    return [f"train.global_batch_size={micro * nproc}"]
 
 
 def peak_tflops(shape: tuple[int, int, int]) -> float:
@@ -87,7 +95,7 @@ def run_one(system: str, work: Path, steps: int, nproc: int, tag: str) -> tuple[
         out_dir = work / "runs" / tag
         overrides = system.split(":")[1:]
         cmd = [sys.executable, "-m", "distrib", "pretrain", str(REFERENCE), f"output_dir={out_dir}",
-               f"train.max_steps={steps}", *overrides, "--nproc-per-node", str(nproc)]
+               f"train.max_steps={steps}", *batch_overrides(nproc), *overrides, "--nproc-per-node", str(nproc)]
         subprocess.run(["rm", "-rf", str(out_dir)], check=True)
         _run(cmd, env, log)
         rows = [r for r in map(json.loads, open(out_dir / "metrics.jsonl")) if "tokens_per_s" in r]
