@@ -23,6 +23,15 @@ engine is built, :func:`apply_plan` therefore
   A custom plan takes precedence over the HF ``tp_plan`` and over AutoTP's heuristics (and their
   "not supported" assertion) in ``DeepSpeedEngine._apply_autotp_partitioning``.
 
+Building split models
+---------------------
+A model AutoTP splits is built on the meta device (:func:`distrib.model.deferred_weights`): a rank
+never holds the whole model. AutoTP splits the empty model inside ``deepspeed.initialize`` (its
+layers keep meta tensors meta); :func:`materialize_shards` then fills, before DeepSpeed uses any
+parameter, each one from its whole value (initial or pretrained, one tensor at a time) cut by the
+very partition function AutoTP would have applied, so the shards are bitwise those of a model built
+whole and split. A rank's peak is its shards plus the largest single tensor.
+
 AutoTP records the same plan as the checkpoint's universal-checkpoint metadata, so DeepSpeed's
 universal converter merges the slices (``c_attn`` per sub-parameter) into whole ``nn.Linear``
 weights; :func:`to_hf_layout` transposes them back to ``Conv1D``'s ``[in, out]``.
@@ -30,8 +39,10 @@ weights; :func:`to_hf_layout` transposes them back to ``Conv1D``'s ``[in, out]``
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import math
 import re
 from pathlib import Path
 
@@ -46,6 +57,10 @@ _GPT2_ROW = ("attn.c_proj", "mlp.c_proj")
 _GPT2_PROJECTIONS = _GPT2_QKV + _GPT2_COLUMN + _GPT2_ROW
 #: Parameter names of those projections' weights in a GPT-2 state dict (any prefix).
 _GPT2_WEIGHT_RE = re.compile(r"(^|\.)h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
+
+
+#: Marks a parameter whose Hugging Face value is the transpose of its layout here (GPT-2 ``Conv1D`` weights).
+_HF_TRANSPOSED = "distrib_hf_transposed"
 
 
 def _model_type(model: torch.nn.Module) -> str | None:
@@ -136,6 +151,8 @@ def _conv1d_as_linear(conv: torch.nn.Module, deepspeed) -> torch.nn.Linear:
     with torch.device("meta"):
         linear = torch.nn.Linear(n_in, n_out, bias=bias is not None)
     linear.weight = torch.nn.Parameter(weight.t().contiguous(), requires_grad=conv.weight.requires_grad)
+    if weight.is_meta:  # filled later from the Hugging Face ([in, out]) value: transpose it then
+        setattr(linear.weight, _HF_TRANSPOSED, True)
     if bias is not None:
         if partitioned:
             linear.bias = torch.nn.Parameter(bias, requires_grad=conv.bias.requires_grad)
@@ -154,3 +171,82 @@ def to_hf_layout(state: dict[str, torch.Tensor], cfg: Config) -> dict[str, torch
     if cfg.parallel.tp <= 1 or not _cfg_is_gpt2(cfg):
         return state
     return {name: (t.t().contiguous() if _GPT2_WEIGHT_RE.search(name) else t) for name, t in state.items()}
+
+
+@contextlib.contextmanager
+def materialize_shards(model: torch.nn.Module):
+    """Within, the engine built over ``model`` fills its meta parameters right after AutoTP splits them.
+
+    For a model built on the meta device (it carries a :class:`distrib.model.WeightSource`); any other
+    model is left alone. DeepSpeed offers no hook between AutoTP's split and the engine's first use of
+    the parameters (moving them to the device, flattening them for ZeRO, the optimizer's fp32 copies),
+    so ``DeepSpeedEngine._apply_autotp_partitioning`` is wrapped for the duration of the block.
+    """
+    from distrib.model import WEIGHT_SOURCE_ATTR
+
+    source = getattr(model, WEIGHT_SOURCE_ATTR, None)
+    if source is None:
+        yield
+        return
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    # Whole shapes, before the split: the parameter objects survive it (AutoTP swaps their data).
+    whole = {id(p): tuple(p.shape) for p in model.parameters() if p.is_meta}
+    split = DeepSpeedEngine._apply_autotp_partitioning
+
+    def split_then_fill(engine, module, tp_config):
+        out = split(engine, module, tp_config)
+        if module is model:
+            fill_shards(model, source, whole)
+        return out
+
+    DeepSpeedEngine._apply_autotp_partitioning = split_then_fill
+    try:
+        yield
+    finally:
+        DeepSpeedEngine._apply_autotp_partitioning = split
+    empty = [name for name, p in model.named_parameters() if p.is_meta]
+    if empty:
+        raise RuntimeError(f"{len(empty)} parameters were never filled (first: {empty[0]}): the model was not "
+                           "split by AutoTP inside the engine")
+    delattr(model, WEIGHT_SOURCE_ATTR)
+
+
+@torch.no_grad()
+def fill_shards(model: torch.nn.Module, source, whole: dict[int, tuple[int, ...]]) -> None:
+    """Give every meta parameter of ``model`` this rank's part of its value from ``source``, one tensor at a time.
+
+    ``whole`` maps each parameter (by ``id``) to its shape before the split; the peak is this rank's
+    shards plus one whole tensor (and its fp32 initial value). A parameter AutoTP split
+    carries its layer's partition function (``_tp_partition``); it is applied to the whole value exactly
+    as AutoTP applies it to a model built whole. The others (embeddings, norms, replicated biases) are
+    whole on every rank.
+    """
+    from deepspeed.utils import debug
+
+    # DeepSpeed's debug name maps hold weak references to the parameters, which forbid swapping their
+    # contents: drop them here and record the names again once every parameter is filled.
+    debug.debug_clear_module_and_param_names()
+    empty = [(name, p) for name, p in model.named_parameters() if p.is_meta]
+    # The largest first: their whole value then exists while this rank holds few shards yet.
+    empty.sort(key=lambda item: -math.prod(whole[id(item[1])]))
+    for name, param in empty:
+        if name not in source:
+            raise RuntimeError(f"{name} has no value to be filled from (built on the meta device)")
+        shape = whole[id(param)]
+        transposed = getattr(param, _HF_TRANSPOSED, False)
+        value = source.tensor(name, shape[::-1] if transposed else shape, transposed=transposed)
+        _fill(param, value)
+        del value  # the parameter's reference is the only one left: the split frees the whole value
+        if hasattr(param, "_tp_partition"):
+            param._tp_partition([param])
+    debug.debug_extract_module_and_param_names(model)
+
+
+def _fill(param: torch.nn.Parameter, value: torch.Tensor) -> None:
+    """Make meta ``param`` hold ``value``, keeping the object (optimizer groups and AutoTP refer to it) and its
+    attributes (AutoTP's partition functions and checkpoint metadata)."""
+    attrs = dict(param.__dict__)
+    torch.utils.swap_tensors(param, torch.nn.Parameter(value, requires_grad=param.requires_grad))
+    param.__dict__.clear()
+    param.__dict__.update(attrs)

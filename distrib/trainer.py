@@ -129,7 +129,12 @@ class Trainer:
         self.n_params = count_parameters(self.hf_cfg)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank and world size
         dtype = torch_dtype(cfg.precision)
-        model = self._under_zero_init(ds_config, lambda: stage.build_model(cfg, self.hf_cfg, dtype))
+        from distrib.model import deferred_weights
+        from distrib.tensor_parallel import materialize_shards
+
+        # Split by AutoTP, the model is built empty: each rank fills only its own shards (materialize_shards).
+        with deferred_weights(topo.tp > 1):
+            model = self._under_zero_init(ds_config, lambda: stage.build_model(cfg, self.hf_cfg, dtype))
         frozen = {}
         if hasattr(stage, "build_frozen"):
             frozen = self._under_zero_init(ds_config, lambda: stage.build_frozen(cfg, dtype))
@@ -138,7 +143,8 @@ class Trainer:
             for m in frozen.values():
                 apply_plan(m, cfg, ds_config)
             ds_config = apply_plan(model, cfg, ds_config)
-        self.engine = build_engine(model, cfg, topo, ds_config)
+        with materialize_shards(model):
+            self.engine = build_engine(model, cfg, topo, ds_config)
         # Models that never train: engines without optimizer (nothing trainable), never checkpointed.
         self.frozen = {name: build_engine(m, cfg, topo, ds_config) for name, m in frozen.items()}
         self.compiled = self._compile()
