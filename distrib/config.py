@@ -248,8 +248,10 @@ class ModelConfig(_Section):
     #: a compiler for the device) and skips shorter runs, which do not win back its tens of
     #: seconds. Where it cannot work the run says so in one line and trains uncompiled.
     compile: bool | Literal["auto"] = "auto"
-    #: The attention kernel: ``sdpa`` (PyTorch's fused scaled-dot-product attention) or ``eager`` (matmuls).
-    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    #: The attention kernel: ``sdpa`` (PyTorch's fused scaled-dot-product attention), ``eager`` (matmuls and a
+    #: softmax, which torch.compile fuses itself) or ``auto``: ``eager`` for a compiled model on the CPU, where
+    #: the compiled matmuls beat the CPU's sdpa kernel, else ``sdpa`` (see :func:`distrib.trainer.attention_for`).
+    attn_implementation: Literal["auto", "sdpa", "eager"] = "auto"
 
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":

@@ -75,6 +75,12 @@ def hf_config(cfg: ModelConfig, vocab_size: int | None = None, seq_len: int | No
     )
 
 
+def attention(cfg: ModelConfig) -> str:
+    """The attention kernel to build with: ``model.attn_implementation``, ``auto`` read as ``sdpa`` (the
+    trainer resolves ``auto`` itself before building, knowing whether the model will be compiled)."""
+    return "sdpa" if cfg.attn_implementation == "auto" else cfg.attn_implementation
+
+
 def _llama_ffn(hidden: int) -> int:
     """Llama's SwiGLU width: 2/3 of 4h, rounded up to a multiple of 256 (64 for tiny models)."""
     width = int(8 * hidden / 3)
@@ -128,11 +134,11 @@ def build_model(cfg: ModelConfig, hf_cfg: PretrainedConfig, *, seed: int = 0, in
         with ctx:
             if cfg.pretrained:
                 model = AutoModelForCausalLM.from_pretrained(cfg.pretrained, config=hf_cfg, dtype=dtype,
-                                                             attn_implementation=cfg.attn_implementation)
+                                                             attn_implementation=attention(cfg))
             else:
                 # ``dtype``, not ``torch_dtype``: transformers 5 warns on every rank for the old name.
                 model = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype,
-                                                         attn_implementation=cfg.attn_implementation)
+                                                         attn_implementation=attention(cfg))
         if not cfg.pretrained:
             init_weights(model, cfg, seed)
     if cfg.activation_checkpointing:
@@ -150,7 +156,7 @@ def _build_empty(cfg: ModelConfig, hf_cfg: PretrainedConfig, seed: int, dtype) -
     from accelerate import init_empty_weights
 
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype, attn_implementation=cfg.attn_implementation)
+        model = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype, attn_implementation=attention(cfg))
     names = [name for name, _ in model.named_parameters()]
     if cfg.pretrained:
         keys = _safetensors_keys(Path(cfg.pretrained), names, model.base_model_prefix)

@@ -25,9 +25,10 @@ from distrib.checkpoint import Checkpointer, TrainState, latest_checkpoint
 from distrib.config import Config
 from distrib.data import IGNORE_INDEX, GlobalBatchSampler, collate, prepare_data  # noqa: F401 (re-exported)
 from distrib.metrics import MetricsLogger, keep_rows_through, measure_peak_tflops
-from distrib.model import count_parameters, flops_per_token, forward_flops_per_token, hf_config, matmul_shape
+from distrib.model import (count_parameters, deferred_weights, flops_per_token, forward_flops_per_token, hf_config,
+                           matmul_shape)
 from distrib.parallelize import build_engine, deepspeed_config, torch_dtype
-from distrib.tensor_parallel import apply_plan
+from distrib.tensor_parallel import apply_plan, materialize_shards
 from distrib.topology import Topology
 from distrib.utils import StopRequest, keep_freed_host_memory, log_main
 
@@ -103,6 +104,10 @@ class Trainer:
 
     def __init__(self, cfg: Config, topo: Topology, stage: Stage, resume_from: Path | None = None,
                  stop: StopRequest | None = None):
+        self.compile_wanted, self.compile_blocker = compile_decision(cfg, topo.tp)
+        if cfg.model.attn_implementation == "auto":
+            attention = attention_for(self.compile_wanted, topo.device.type)
+            cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"attn_implementation": attention})})
         self.cfg, self.topo, self.stage = cfg, topo, stage
         self.out = Path(cfg.output_dir)
         self.started = time.monotonic()
@@ -129,9 +134,6 @@ class Trainer:
         self.n_params = count_parameters(self.hf_cfg)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank and world size
         dtype = torch_dtype(cfg.precision)
-        from distrib.model import deferred_weights
-        from distrib.tensor_parallel import materialize_shards
-
         # Split by AutoTP, the model is built empty: each rank fills only its own shards (materialize_shards).
         with deferred_weights(topo.tp > 1):
             model = self._under_zero_init(ds_config, lambda: stage.build_model(cfg, self.hf_cfg, dtype))
@@ -206,15 +208,15 @@ class Trainer:
 
     def _compile(self) -> bool:
         """Compile the engines' models under ``model.compile`` (see :func:`compile_decision`); whether it did."""
-        wanted, blocker = compile_decision(self.cfg, self.topo.tp)
-        if blocker is not None and self.cfg.model.compile is True:
-            log_main(f"model.compile: {blocker}; training uncompiled")
-        if not wanted:
+        if self.compile_blocker is not None and self.cfg.model.compile is True:
+            log_main(f"model.compile: {self.compile_blocker}; training uncompiled")
+        if not self.compile_wanted:
             return False
         failing = faults.at("compile", self.topo.rank, 0) == "fail"
         for engine in (self.engine, *self.frozen.values()):
             engine.compile(**({"backend": _failing_backend} if failing else {}))
-        log_main("model.compile: the model and its loss compile during the first steps (the first step takes longer)")
+        log_main(f"model.compile: the model and its loss compile during the first steps (the first step takes longer; "
+                 f"{self.cfg.model.attn_implementation} attention)")
         return True
 
     def _forward(self, fn, batch: dict) -> LossOut:
@@ -539,6 +541,16 @@ def compile_decision(cfg: Config, tp: int, accelerator: str | None = None) -> tu
     if mode == "auto" and cfg.train.max_steps < COMPILE_MIN_STEPS:
         return False, blocker
     return blocker is None, blocker
+
+
+def attention_for(compiled: bool, device_type: str) -> str:
+    """``model.attn_implementation=auto``: ``eager`` for a compiled model on the CPU, else ``sdpa``.
+
+    Compiled, the eager attention's matmuls and softmax fuse with their neighbours, and on the CPU that beats
+    PyTorch's sdpa kernel, which the compiler calls as it is (about 10% of a step of the benchmark workload,
+    ``BENCHMARKS.md``). On GPUs sdpa (flash or memory-efficient attention) wins, compiled or not.
+    """
+    return "eager" if compiled and device_type == "cpu" else "sdpa"
 
 
 def compile_blocker(cfg: Config, tp: int, accelerator: str | None = None) -> str | None:

@@ -178,8 +178,10 @@ class DistillStage:
         """The teacher, frozen, in the training precision (built under ZeRO-3's zero.Init when it applies)."""
         from transformers import AutoModelForCausalLM
 
+        from distrib.model import attention
+
         teacher = AutoModelForCausalLM.from_pretrained(cfg.teacher, dtype=dtype,
-                                                       attn_implementation=cfg.model.attn_implementation)
+                                                       attn_implementation=attention(cfg.model))
         teacher.config.use_cache = False
         teacher.requires_grad_(False)
         teacher.eval()

@@ -3,7 +3,7 @@
 import pytest
 
 from distrib.config import COMPILE_MIN_STEPS, ConfigError, load_config
-from distrib.trainer import compile_blocker, compile_decision
+from distrib.trainer import attention_for, compile_blocker, compile_decision
 from tests.helpers import TINY
 
 
@@ -51,3 +51,13 @@ def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key) as e:
         _cfg(override)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(("compiled", "device", "kernel"), [
+    (True, "cpu", "eager"),    # compiled on the CPU: inductor's fused matmuls and softmax beat the CPU sdpa kernel
+    (False, "cpu", "sdpa"),
+    (True, "cuda", "sdpa"),    # flash / memory-efficient attention on GPUs, compiled or not
+    (False, "cuda", "sdpa"),
+])
+def test_auto_attention_is_eager_only_for_a_compiled_model_on_the_cpu(compiled, device, kernel):
+    assert attention_for(compiled, device) == kernel
