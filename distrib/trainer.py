@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -225,12 +227,10 @@ class Trainer:
         Compilation happens at the first forward passes (training, then evaluation), so that is where it can fail;
         after the fallback the run trains uncompiled, as with ``model.compile=false``.
         """
-        if not self.compiled:
-            return fn(self.engine, batch)
         try:
             return fn(self.engine, batch)
         except Exception as e:
-            if not _is_compile_error(e):
+            if not self.compiled or not _is_compile_error(e):
                 raise
             cause = getattr(e, "inner_exception", None) or e  # a backend's own error, inside dynamo's wrapper
             first = (str(cause).strip().splitlines() or [""])[0][:200]
@@ -401,7 +401,7 @@ class Trainer:
             self.topo.mark(step, i, "forward")
             if not self.trains:  # nothing trainable (a frozen control run): measure the loss, change nothing
                 with torch.no_grad():
-                    total += self.stage.loss(self.engine, batch).total.float()
+                    total += self._forward(self.stage.loss, batch).total.float()
                 continue
             out = self._forward(self.stage.loss, batch)
             if faults.at("step", self.topo.rank, step) == "nan":
@@ -555,8 +555,6 @@ def attention_for(compiled: bool, device_type: str) -> str:
 
 def compile_blocker(cfg: Config, tp: int, accelerator: str | None = None) -> str | None:
     """Why ``torch.compile`` cannot serve this run (None when it can)."""
-    import shutil
-
     if tp > 1:
         return "tensor-parallel layers (parallel.tp > 1) are not compiled"
     if accelerator is None:
@@ -564,8 +562,6 @@ def compile_blocker(cfg: Config, tp: int, accelerator: str | None = None) -> str
 
         accelerator = get_accelerator().device_name()
     if accelerator == "cpu":
-        import os
-
         compiler = os.environ.get("CXX", "g++")
         if shutil.which(compiler) is None:
             return f"no C++ compiler ({compiler}) for the CPU code torch.compile generates; install g++ or set CXX"

@@ -212,22 +212,14 @@ class DistillStage:
 
     def eval_loss(self, model: torch.nn.Module, batch: dict):
         """The student's next-token loss; the distillation loss and the teacher's next-token loss as parts."""
-        import torch.nn.functional as F
-
-        from distrib.data import IGNORE_INDEX
         from distrib.distill import distill_loss
-        from distrib.trainer import LossOut
+        from distrib.trainer import LossOut, next_token_ce_sum
 
         s_out, t_out = self._forward(model, batch)
         labels = batch["labels"]
         out = distill_loss(s_out, t_out, labels, self.loss_cfg, self._projections(model), self.layer_map)
-
-        def ce(logits):
-            return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                   ignore_index=IGNORE_INDEX, reduction="sum")
-
-        parts = {"distill": out.total, **out.parts, "teacher": ce(t_out.logits)}
-        return LossOut(total=ce(s_out.logits), tokens=out.tokens, parts=parts)
+        parts = {"distill": out.total, **out.parts, "teacher": next_token_ce_sum(t_out.logits, labels)}
+        return LossOut(total=next_token_ce_sum(s_out.logits, labels), tokens=out.tokens, parts=parts)
 
 
 def _check_same_tokenizer(tokenizer: str, teacher: Path, cfg: Config) -> None:
