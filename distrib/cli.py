@@ -60,7 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--world-size", type=int, required=True)
     p.add_argument("--gpus-per-node", type=int, default=8)
     p.add_argument("--gpu-memory-gib", type=float, default=80.0)
-    p = sub.add_parser("prepare-data", help="build a config's data cache now (once, on a login or CPU node)")
+    p = sub.add_parser("prepare-data", help="build a config's data cache now (once, on a login or CPU node; "
+                       "under srun or mpirun its tasks share the tokenizing)")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", metavar="key.path=value")
     p = sub.add_parser("report", help="summarize a run or pipeline directory: summary.json, summary.md, plots")

@@ -7,7 +7,8 @@ and caches the result on disk, so repeated runs and the ranks of one run share t
 Preparation runs in memory bounded by constants, not by the corpus: text files are parsed in 1 MB
 chunks, tokenized a batch of documents at a time into an Arrow file, packed as a stream, and the
 pages of every memory-mapped file a pass reads are released behind it (:func:`_release_pages`);
-``distrib prepare-data`` runs it alone, e.g. on a login node before a job.
+``distrib prepare-data`` runs it alone, e.g. on a login node before a job. The processes that want the
+same cache while it is built (the ranks of a job) tokenize it together (:func:`_tokenize`).
 
 Two formats (``data.format``): ``text`` packs documents back to back into ``input_ids`` blocks, every
 token a target (pretraining); ``prompt_response`` packs whole prompt/response examples into padded
@@ -29,6 +30,8 @@ import ast
 import codecs
 import ctypes
 import ctypes.util
+import dataclasses
+import fcntl
 import glob
 import hashlib
 import inspect
@@ -37,8 +40,10 @@ import json
 import logging
 import os
 import shutil
+import socket
 import sys
 import sysconfig
+import time
 import tokenize
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -58,6 +63,7 @@ from filelock import FileLock, Timeout
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from distrib import faults
 from distrib.config import ConfigError, DataConfig
 
 logger = logging.getLogger(__name__)
@@ -1037,7 +1043,8 @@ def prepare_data(cfg: DataConfig, seed: int) -> PreparedData:
 
     The cache key hashes every field that defines the data (and the files' sizes and mtimes, and
     for the built-in corpus the Python version). Concurrent callers (the ranks of one run, or
-    separate runs) serialise on a file lock: the first builds, the others wait and then load. A
+    separate runs) serialise on a file lock: the first builds, the others tokenize pieces it posts
+    while they wait (see :func:`_tokenize`), and then load. A
     build goes to a temporary directory renamed into place only when complete, so a crash never
     leaves a half-written cache. The lock relies on the file system honouring ``flock``; on a
     shared network file system prefer a node-local ``data.cache_dir``.
@@ -1100,6 +1107,8 @@ def _missing_dirs(path: Path) -> list[Path]:
 def _build_under_lock(cfg: DataConfig, spec: dict, root: Path, key: str) -> None:
     """Build ``root/key`` unless another process has, holding ``root/key.lock`` meanwhile.
 
+    While another process holds the lock, this one helps it tokenize (:func:`_wait_helping`).
+
     A failed build deletes the lock file while still holding it. That is safe for processes
     waiting on it: ``filelock`` notices that the file it locked has been unlinked and starts over
     with a new one (and then, finding no cache, builds itself).
@@ -1107,10 +1116,9 @@ def _build_under_lock(cfg: DataConfig, spec: dict, root: Path, key: str) -> None
     final, lock_path = root / key, root / f"{key}.lock"
     lock = FileLock(str(lock_path))
     try:
-        lock.acquire(timeout=_QUIET_WAIT_SECONDS)
+        lock.acquire(timeout=0)
     except Timeout:
-        logger.info("waiting for another process to build the data cache %s", final)
-        lock.acquire()
+        _wait_helping(lock, _Board(root, key), cfg.num_proc, final)
     try:
         if not final.is_dir():
             try:
@@ -1118,8 +1126,29 @@ def _build_under_lock(cfg: DataConfig, spec: dict, root: Path, key: str) -> None
             except BaseException:
                 lock_path.unlink(missing_ok=True)
                 raise
+            # Registrations left by waiters that died; the living ones find the cache and leave.
+            shutil.rmtree(_Board(root, key).waiting, ignore_errors=True)
     finally:
         lock.release()
+
+
+def _wait_helping(lock: FileLock, board: _Board, workers: int, final: Path) -> None:
+    """Wait for ``lock``, meanwhile registered on ``board`` and doing the tokenizing tasks posted there."""
+    me = board.register()
+    started, said, helped = time.monotonic(), False, set()
+    try:
+        while True:
+            try:
+                lock.acquire(timeout=_HELP_POLL_SECONDS)
+                return
+            except Timeout:
+                pass
+            if not said and time.monotonic() - started >= _QUIET_WAIT_SECONDS:
+                logger.info("waiting for another process to build the data cache %s", final)
+                said = True
+            _help(board, workers, helped)
+    finally:
+        board.unregister(me)
 
 
 def _cache_root(cfg: DataConfig) -> Path:
@@ -1176,17 +1205,22 @@ def _build_atomically(cfg: DataConfig, spec: dict, root: Path, key: str) -> None
     # Only the lock holder builds, so any temporary directory of this key is a crashed build's leftover.
     for stale in root.glob(f"{key}.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
+    board = _Board(root, key)
+    board.withdraw()  # a crashed build's posting
     tmp = root / f"{key}.tmp-{os.getpid()}"
     try:
-        _build(cfg, spec, tmp)
+        _build(cfg, spec, tmp, board)
         os.replace(tmp, root / key)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def _build(cfg: DataConfig, spec: dict, out: Path) -> None:
+def _build(cfg: DataConfig, spec: dict, out: Path, board: _Board | None = None) -> None:
     """Run the whole pipeline into ``out``: tokenizer/, train/, validation/, meta.json.
+
+    With a ``board``, the processes waiting for this cache when a split starts tokenizing share
+    that work (see :func:`_tokenize`); the blocks are the same whoever tokenizes.
 
     Raises:
         ConfigError: bad data (see :func:`load_text`), or a split too small for one block.
@@ -1200,11 +1234,16 @@ def _build(cfg: DataConfig, spec: dict, out: Path) -> None:
     tokenizer = load_or_train_tokenizer(cfg, _iter_text(texts["train"]))
     tokenizer.save_pretrained(out / "tokenizer")
     scratch = out / "tokenized"
-    meta = {"spec": spec, "documents": {}, "blocks": {}, "tokens": {}}
+    meta = {"spec": spec, "documents": {}, "blocks": {}, "tokens": {}, "tokenized_by": {}}
     for split in ("train", "validation"):
         docs = texts[split]
         logger.info("tokenizing the %s split: %d documents", split, len(docs))
-        tokenized = _tokenize(docs, tokenizer, pairs, scratch / f"{split}.arrow", _num_proc(len(docs), cfg.num_proc))
+        shared = board if board is not None and (board.has_helpers() or _launched_processes() > 1) else None
+        tokenized, by = _tokenize(docs, tokenizer, pairs, scratch, split, _num_proc(len(docs), cfg.num_proc) or 1, shared)
+        meta["tokenized_by"][split] = by
+        if len(by) > 1:
+            logger.info("the %s split was tokenized by %d processes on %d hosts", split, len(by),
+                        len({who.rsplit(":", 1)[0] for who in by}))
         blocks_file = scratch / f"{split}-packed.arrow"
         if pairs:
             packed, stats = _pack_examples(tokenized, tokenizer.pad_token_id, cfg.seq_len, blocks_file)
@@ -1325,31 +1364,244 @@ def _num_proc(num_docs: int, num_proc: int) -> int | None:
     return num_proc if num_proc > 1 and num_docs >= num_proc * _MIN_DOCS_PER_PROC else None
 
 
-def _tokenize(docs: Dataset, tokenizer: PreTrainedTokenizerFast, pairs: bool, path: Path, num_proc: int | None) -> Dataset:
-    """Tokenize ``docs`` into Arrow files at ``path`` (one per process), memory-mapped back in order.
+def _tokenize(docs: Dataset, tokenizer: PreTrainedTokenizerFast, pairs: bool, scratch: Path, split: str,
+              workers: int, board: _Board | None = None) -> tuple[Dataset, dict[str, int]]:
+    """Tokenize ``docs`` into Arrow files under ``scratch`` (one per task), memory-mapped back in order.
 
-    What ``docs.map(encode, batched=True, num_proc=n)`` does, in bounded memory: with ``n``
-    processes each tokenizes one contiguous shard (as ``map`` shards), so the concatenation, and
-    the blocks packed from it, are the same for any ``n``. Unlike ``map``, which writes one record
-    batch per batch read, the ids are written in record batches of about
-    ``_STREAM_CHUNK_TOKENS`` tokens: memory-mapping a file reads every batch's header, and the
-    kernel maps some 64 KiB around each, so small batches would make the whole file resident.
-    The text is read ``_TOKENIZE_BATCH`` documents at a time, its pages released after each.
+    What ``docs.map(encode, batched=True, num_proc=n)`` does, in bounded memory and shareable.
+    The documents are cut into contiguous tasks, each tokenized into its own file, and the files
+    are read back in task order: the concatenation, and the blocks packed from it, are the same for
+    any number of tasks and of processes doing them. ``workers`` processes here claim tasks in
+    turn (:func:`_work`); with a ``board``, the documents are saved where the processes waiting for
+    this cache can read them, the tasks are posted, and those processes claim tasks too
+    (:func:`_help`): a job's ranks, on one node or on several sharing the cache, tokenize together.
+    Unlike ``map``, which writes one record batch per batch read, the ids are written in record
+    batches of about ``_STREAM_CHUNK_TOKENS`` tokens: memory-mapping a file reads every batch's
+    header, and the kernel maps some 64 KiB around each, so small batches would make the whole
+    file resident. The text is read ``_TOKENIZE_BATCH`` documents at a time, its pages released
+    after each.
+
+    Returns:
+        the tokenized documents, and how many tasks each process (``host:pid``) did.
     """
-    shards = num_proc or 1
-    paths = [path] if shards == 1 else [path.with_name(f"{path.stem}-{i:05d}-of-{shards:05d}.arrow") for i in range(shards)]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    jobs = [(docs.shard(shards, i, contiguous=True) if shards > 1 else docs, tokenizer, pairs, str(p))
-            for i, p in enumerate(paths)]
-    if shards == 1:
-        _tokenize_shard(*jobs[0])
-    else:
-        import multiprocess  # datasets' own dependency (its map uses it): pickles what multiprocessing cannot
+    scratch.mkdir(parents=True, exist_ok=True)
+    count = min(_MAX_TASKS, max(1, len(docs) // _MIN_DOCS_PER_PROC)) if board is not None else workers
+    bounds = [len(docs) * i // count for i in range(count + 1)]
+    job = _Job(str(scratch), split, list(zip(bounds[:-1], bounds[1:])), pairs)
+    if board is not None:
+        docs.save_to_disk(job.docs_dir)  # what the helpers read: the rows in this order, indices applied
+        board.post(job, str(scratch.parent / "tokenizer"))
+    try:
+        _run_workers(job, docs, tokenizer, workers)
+        _collect(job, docs, tokenizer)
+    finally:
+        if board is not None:
+            board.withdraw()
+    parts = [Dataset.from_file(job.output(i)) for i in range(len(job.tasks))]
+    return (parts[0] if len(parts) == 1 else concatenate_datasets(parts)), _tokenized_by(job)
 
-        with multiprocess.Pool(shards) as pool:
-            pool.starmap(_tokenize_shard, jobs)
-    parts = [Dataset.from_file(str(p)) for p in paths]
-    return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+
+#: At most this many tokenizing tasks when other processes help (each of at least
+#: ``_MIN_DOCS_PER_PROC`` documents): enough to share among the ranks of a job, few enough files.
+_MAX_TASKS = 256
+
+#: A process waiting for another's build looks for tokenizing tasks this often.
+_HELP_POLL_SECONDS = 0.5
+
+
+@dataclass(frozen=True)
+class _Job:
+    """A split's tokenizing tasks: contiguous ``[start, end)`` document ranges, files under ``scratch``.
+
+    A task is claimed by creating its ``.claim`` file (``O_EXCL``: one process wins) and holding an
+    exclusive ``flock`` on it while working; its output appears, complete, by a rename. A claim whose
+    lock is free but whose output is missing belongs to a process that died: the builder redoes it.
+    """
+
+    scratch: str
+    split: str
+    tasks: list[tuple[int, int]]
+    pairs: bool
+
+    def output(self, i: int) -> str:
+        return os.path.join(self.scratch, f"{self.split}-{i:05d}-of-{len(self.tasks):05d}.arrow")
+
+    def claim(self, i: int) -> str:
+        return self.output(i)[: -len(".arrow")] + ".claim"
+
+    @property
+    def docs_dir(self) -> str:
+        return os.path.join(self.scratch, f"{self.split}-docs")
+
+
+def _launched_processes() -> int:
+    """How many processes the launcher of this one started (torchrun, srun, mpirun), 1 if none did.
+
+    Each of them prepares the data too (every rank of a job calls :func:`prepare_data`), so a build
+    in one of them posts its tasks even before the others register as waiting: they are on their way.
+    """
+    for var in ("WORLD_SIZE", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+        value = os.environ.get(var, "")
+        if value.isdigit():
+            return int(value)
+    return 1
+
+
+def _worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _run_workers(job: _Job, docs: Dataset, tokenizer: PreTrainedTokenizerFast, workers: int, helping: bool = False) -> None:
+    """Claim and tokenize ``job``'s tasks in ``workers`` processes (this one alone if 1) until none is left."""
+    workers = min(workers, len(job.tasks))
+    if workers <= 1:
+        _work(job, docs, tokenizer, helping)
+        return
+    import multiprocess  # datasets' own dependency (its map uses it): pickles what multiprocessing cannot
+
+    with multiprocess.Pool(workers) as pool:
+        pool.starmap(_work, [(job, docs, tokenizer, helping)] * workers)
+
+
+def _work(job: _Job, docs: Dataset, tokenizer: PreTrainedTokenizerFast, helping: bool = False) -> int:
+    """Tokenize every task of ``job`` this process can claim; returns how many it did.
+
+    ``helping``: this process helps another's build (the fault point ``tokenize`` tells them apart).
+    """
+    done = 0
+    for i in range(len(job.tasks)):
+        try:
+            fd = os.open(job.claim(i), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            os.write(fd, _worker_id().encode())
+            faults.at("tokenize", int(helping), done)
+            _do_task(job, i, docs, tokenizer)
+        finally:
+            os.close(fd)  # releases the claim's lock, after the output is in place
+        done += 1
+    return done
+
+
+def _do_task(job: _Job, i: int, docs: Dataset, tokenizer: PreTrainedTokenizerFast) -> None:
+    start, end = job.tasks[i]
+    tmp = f"{job.output(i)}.tmp-{socket.gethostname()}-{os.getpid()}"
+    _tokenize_shard(docs.select(range(start, end)), tokenizer, job.pairs, tmp)
+    os.replace(tmp, job.output(i))
+
+
+def _collect(job: _Job, docs: Dataset, tokenizer: PreTrainedTokenizerFast) -> None:
+    """Wait for every task's output; redo the tasks of claimers that died (their claim lock is free)."""
+    for i in range(len(job.tasks)):
+        while not os.path.exists(job.output(i)):
+            fd = os.open(job.claim(i), os.O_CREAT | os.O_WRONLY, 0o644)
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:  # its claimer is at work
+                    time.sleep(0.1)
+                    continue
+                if not os.path.exists(job.output(i)):
+                    logger.info("tokenizing task %d of the %s split again: the process that claimed it is gone",
+                                i, job.split)
+                    os.ftruncate(fd, 0)
+                    os.write(fd, _worker_id().encode())
+                    _do_task(job, i, docs, tokenizer)
+            finally:
+                os.close(fd)
+
+
+def _tokenized_by(job: _Job) -> dict[str, int]:
+    """How many of ``job``'s tasks each process (``host:pid``) tokenized, read from the claims."""
+    counts: dict[str, int] = {}
+    for i in range(len(job.tasks)):
+        who = Path(job.claim(i)).read_text()
+        counts[who] = counts.get(who, 0) + 1
+    return counts
+
+
+@dataclass(frozen=True)
+class _Board:
+    """Where the process building a cache offers its tokenizing to the processes waiting for that cache.
+
+    A waiting process registers a file in ``waiting`` (``root/KEY.waiting/``); the builder, finding one
+    there when it starts a split, posts the split's :class:`_Job` as ``root/KEY.tasks.json`` and takes
+    it down when the split is tokenized. Everything lives beside the cache, so the processes that
+    help are those that share its file system: the ranks of a node with a node-local cache, every
+    rank of a job with a shared one.
+    """
+
+    root: Path
+    key: str
+
+    @property
+    def waiting(self) -> Path:
+        return self.root / f"{self.key}.waiting"
+
+    @property
+    def posted(self) -> Path:
+        return self.root / f"{self.key}.tasks.json"
+
+    def has_helpers(self) -> bool:
+        try:
+            return any(self.waiting.iterdir())
+        except OSError:
+            return False
+
+    def register(self) -> Path:
+        me = self.waiting / f"{socket.gethostname()}-{os.getpid()}"
+        for _ in range(10):  # the last one out may remove the directory between the two calls
+            try:
+                self.waiting.mkdir(exist_ok=True)
+                me.touch()
+                return me
+            except FileNotFoundError:
+                continue
+        return me
+
+    def unregister(self, me: Path) -> None:
+        me.unlink(missing_ok=True)
+        try:
+            self.waiting.rmdir()
+        except OSError:  # others still waiting
+            pass
+
+    def post(self, job: _Job, tokenizer_dir: str) -> None:
+        tmp = self.posted.with_name(f"{self.posted.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps({"job": dataclasses.asdict(job), "tokenizer": tokenizer_dir}))
+        os.replace(tmp, self.posted)
+
+    def withdraw(self) -> None:
+        self.posted.unlink(missing_ok=True)
+
+    def read(self) -> tuple[_Job, str] | None:
+        try:
+            posted = json.loads(self.posted.read_text())
+        except (OSError, ValueError):
+            return None
+        job = posted["job"]
+        return _Job(job["scratch"], job["split"], [tuple(t) for t in job["tasks"]], job["pairs"]), posted["tokenizer"]
+
+
+def _help(board: _Board, workers: int, helped: set) -> None:
+    """Do tasks of the job posted on ``board``, if there is one this process has not helped with yet.
+
+    Best effort: whatever goes wrong (the build failed and was removed meanwhile) is left to the
+    builder, which redoes the tasks whose claimer is gone.
+    """
+    posted = board.read()
+    if posted is None or (posted[0].scratch, posted[0].split) in helped:
+        return
+    job, tokenizer_dir = posted
+    helped.add((job.scratch, job.split))
+    try:
+        docs = load_from_disk(job.docs_dir)
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
+        _run_workers(job, docs, tokenizer, workers, helping=True)
+    except Exception:  # noqa: BLE001 (see the docstring)
+        logger.debug("could not help tokenizing %s", job.scratch, exc_info=True)
 
 
 def _tokenize_shard(docs: Dataset, tokenizer: PreTrainedTokenizerFast, pairs: bool, path: str) -> None:
@@ -1428,9 +1680,9 @@ def _pack(tokenized: Dataset, eos_id: int, seq_len: int, path: Path | None = Non
     """Concatenate every document's ids followed by eos, cut into blocks of exactly ``seq_len``.
 
     Packing is one sequential pass over the tokenized column, after (not inside) the
-    multi-process tokenization (:func:`_tokenize`), which splits the data into n contiguous shards
-    for n processes: packing per shard or batch would place block boundaries (and drop remainders)
-    differently for each n.
+    tokenization (:func:`_tokenize`), which splits the data into contiguous tasks for the processes
+    that share it: packing per task or batch would place block boundaries (and drop remainders)
+    differently for each split.
     A single pass makes the blocks a function of the documents only; the one remainder shorter
     than ``seq_len`` at the end is dropped.
 

@@ -8,6 +8,9 @@ checkpoint is published), ``data`` (STEP 0: when the ranks compare the data they
 ``enospc`` (raise the OS error of a full disk), ``nan`` (only at ``step``: the caller poisons the loss),
 ``differ`` (only at ``data``: the caller alters this rank's description of its data), ``fail`` (only at
 ``compile``: the caller compiles with a backend that fails, as a broken toolchain would).
+At ``tokenize`` (a data-cache build's tokenizing task, STEP counting the tasks this process has done), RANK
+is 0 for the process building the cache and 1 for a process helping it, and ``pause`` sleeps two seconds,
+as on a loaded node. Several faults are separated by commas.
 RANK ``*`` means every rank. Each fault fires once per process, and once per job when
 ``DISTRIB_FAULT_MARK`` names a file (created when it fires), so that a restarted worker goes on.
 """
@@ -22,23 +25,25 @@ import time
 _fired: set[tuple] = set()
 
 
-def _spec() -> tuple[str, str, str, int] | None:
-    raw = os.environ.get("DISTRIB_FAULT")
-    if not raw:
-        return None
-    point, action, rank, step = raw.split(":")
-    return point, action, rank, int(step)
+def _specs() -> list[tuple[str, str, str, int]]:
+    specs = []
+    for raw in filter(None, os.environ.get("DISTRIB_FAULT", "").split(",")):
+        point, action, rank, step = raw.split(":")
+        specs.append((point, action, rank, int(step)))
+    return specs
 
 
 def at(point: str, rank: int, step: int) -> str | None:
     """Fire the configured fault if it names this point, rank and step; returns the action for callers
     that carry it out themselves (``nan``), else None."""
-    spec = _spec()
-    if spec is None:
-        return None
-    p, action, r, s = spec
-    if p != point or s != step or r not in ("*", str(rank)) or spec in _fired:
-        return None
+    for spec in _specs():
+        p, action, r, s = spec
+        if p == point and s == step and r in ("*", str(rank)) and spec not in _fired:
+            return _fire(spec, action)
+    return None
+
+
+def _fire(spec: tuple, action: str) -> str | None:
     _fired.add(spec)
     mark = os.environ.get("DISTRIB_FAULT_MARK")
     if mark:
@@ -53,4 +58,6 @@ def at(point: str, rank: int, step: int) -> str | None:
         time.sleep(3600)
     if action == "enospc":
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    if action == "pause":
+        time.sleep(2)
     return action

@@ -242,3 +242,32 @@ def test_preemption_warning_checkpoints_requeues_and_resumes(slurm_cluster, tmp_
             assert not union & seen, f"step {step} repeats samples {sorted(union & seen)}"
             seen |= union
         assert len(seen) == max_steps * GLOBAL_BATCH
+
+
+def test_srun_tasks_prepare_the_data_together(slurm_cluster, tmp_path):
+    """``srun -n 2 distrib prepare-data``: both tasks tokenize one cache, which equals one process's build."""
+    corpus = tmp_path / "docs.jsonl"
+    with open(corpus, "w") as f:
+        for i in range(6000):
+            f.write(json.dumps({"text": f"document {i}: " + " ".join(f"w{(i * 7 + j) % 501}" for j in range(40))}) + "\n")
+    overrides = ["data.source=files", f"data.train_files=[{corpus}]", "data.seq_len=64", "data.vocab_size=400",
+                 "data.num_proc=1"]
+    alone = subprocess.run([sys.executable, "-m", "distrib", "prepare-data", TINY, *overrides,
+                            f"data.cache_dir={tmp_path / 'alone'}"], cwd=ROOT, capture_output=True, text=True,
+                           timeout=RUN_TIMEOUT)
+    assert alone.returncode == 0, alone.stderr
+    # The building task pauses in its first tokenizing task, so the other surely finds work left.
+    env = {**os.environ, "DISTRIB_FAULT": "tokenize:pause:0:0"}
+    proc = subprocess.run(["srun", "-n", "2", "--kill-on-bad-exit=1", sys.executable, "-m", "distrib", "prepare-data",
+                           TINY, *overrides, f"data.cache_dir={tmp_path / 'job'}"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}\n{_daemon_logs()}"
+    built = {Path(line) for line in proc.stdout.splitlines() if line.startswith(str(tmp_path))}
+    assert len(built) == 1, proc.stdout  # both tasks print the one cache
+    built = built.pop()
+    by = json.loads((built / "meta.json").read_text())["tokenized_by"]["train"]
+    assert len(by) == 2, f"one task tokenized everything: {by}"
+    reference = Path(alone.stdout.splitlines()[0])
+    for split in ("train", "validation"):
+        (a,), (b,) = (sorted((d / split).glob("*.arrow")) for d in (built, reference))
+        assert a.read_bytes() == b.read_bytes(), split
