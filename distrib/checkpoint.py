@@ -260,11 +260,8 @@ class Checkpointer:
         return saved.dp != self.topo.dp and any(path.glob("*optim_states.pt"))
 
     def make_universal(self, path: Path) -> Path:
-        """Convert ``path`` to DeepSpeed's universal format (rank 0 converts, the others wait)."""
-        if self.topo.is_main:
-            convert_to_universal(path)
-        self.topo.barrier()
-        return path / "universal"
+        """Convert ``path`` to DeepSpeed's universal format, every rank doing its share (see :func:`convert_to_universal`)."""
+        return convert_to_universal(path, self.topo)
 
     def load(self, engine, path: Path, universal: bool) -> TrainState:
         """Restore engine state (from ``path/universal`` when ``universal``), then RNG and trainer state."""
@@ -319,27 +316,124 @@ def replay_adam_step_counter(optimizer) -> None:
                                         group["weight_decay"], bias_correction == 1, empty, empty, empty, empty)
 
 
-def convert_to_universal(path: Path) -> Path:
+def convert_to_universal(path: Path, topo: Topology | None = None) -> Path:
     """DeepSpeed's universal checkpoint of ``path`` in ``path/universal`` (made once, atomically).
 
     It holds every parameter whole (ZeRO shards and tensor-parallel slices merged) with its optimizer
     state, so it loads at any data-parallel size and exports without the original layout.
+
+    With ``topo`` every rank of the job calls this, and a ZeRO-1/2 checkpoint is converted by all of
+    them (:func:`_convert_spread`): each extracts the fragments of the ZeRO shard files it is given
+    (its own share when the world is the one that saved) and merges its share of the parameters, so
+    no process reads more than a shard file or a parameter at a time, and the time is divided by the
+    world size instead of ranks idling in a barrier. Without ``topo``, or for ZeRO-3, DeepSpeed's
+    converter runs in a subprocess of rank 0 (one shard file or parameter at a time too).
     """
     out = path / "universal"
     if (out / ".complete").exists():
         return out
-    log_main(f"converting {path.name} to a universal checkpoint")
-    tmp = path / "universal.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path),
-           "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"universal checkpoint conversion of {path} failed:\n{proc.stderr[-4000:]}")
+    if topo is not None and topo.world_size > 1 and _spreadable(path):
+        log_main(f"converting {path.name} to a universal checkpoint on {topo.world_size} ranks")
+        _convert_spread(path, topo)
+        return out
+    if topo is None or topo.is_main:
+        log_main(f"converting {path.name} to a universal checkpoint")
+        tmp = path / "universal.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path),
+               "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"universal checkpoint conversion of {path} failed:\n{proc.stderr[-4000:]}")
+        _publish_universal(tmp, out)
+    if topo is not None:
+        topo.barrier()
+    return out
+
+
+def _publish_universal(tmp: Path, out: Path) -> None:
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     (out / ".complete").touch()
-    return out
+
+
+#: What :func:`_convert_spread` uses of DeepSpeed's converter (``deepspeed.checkpoint.ds_to_universal``),
+#: whose own ``main`` runs the same steps in one process; if any is missing, that ``main`` runs instead.
+_CONVERTER_STEPS = ("_check_for_required_state", "_create_checkpoint_paths", "extract_zero_shards",
+                    "_aggregate_autoep_zero12_metadata", "_group_per_tp_shapes", "merge_tp_slices",
+                    "_save_optimizer_state", "_get_optim_files", "_get_zero_stage")
+
+
+def _spreadable(path: Path) -> bool:
+    """Whether ``path`` is a ZeRO-1/2 checkpoint without expert layers that this DeepSpeed can convert spread."""
+    from deepspeed.checkpoint import ds_to_universal as dsu
+
+    if not all(hasattr(dsu, step) for step in _CONVERTER_STEPS) or any(path.glob("layer_*_expert_*")):
+        return False
+    optim_files = dsu._get_optim_files(str(path))
+    return bool(optim_files) and dsu._get_zero_stage(optim_files) in (1, 2)
+
+
+def _convert_spread(path: Path, topo: Topology) -> None:
+    """``ds_to_universal``'s ZeRO-1/2 conversion, its two heavy steps divided among the ranks of ``topo``.
+
+    1. Extract: the ZeRO shard files (one per data-parallel x tensor-parallel rank that saved) are dealt
+       out round-robin; each rank writes the fragments of every parameter its files hold.
+    2. Merge: the parameters are dealt out; each rank joins its parameters' fragments and slices into
+       whole tensors (fp32, exp_avg, exp_avg_sq).
+    Rank 0 then writes what is small (the optimizer's common state, the model-states files) and
+    publishes. The output is file for file what DeepSpeed's converter writes.
+    """
+    import itertools
+    from argparse import Namespace
+
+    import torch.distributed as dist
+    from deepspeed.checkpoint import ds_to_universal as dsu
+    from deepspeed.checkpoint.constants import PARAM, UNIVERSAL_CHECKPOINT_INFO
+    from deepspeed.checkpoint.deepspeed_checkpoint import DeepSpeedCheckpoint
+
+    tmp, out = path / "universal.tmp", path / "universal"
+    temp_dir, zero_dir = tmp / "tmp", tmp / "zero"
+    if topo.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    topo.barrier()
+    ds = DeepSpeedCheckpoint(str(path))
+    dsu._check_for_required_state(ds)
+    if topo.is_main:
+        dsu._create_checkpoint_paths(str(tmp), ds.get_iteration(), ds.tp_degree, ds.pp_degree)
+    shards = list(itertools.product(range(ds.pp_degree), range(ds.tp_degree), range(ds.dp_degree)))
+    for shard in shards[topo.rank::topo.world_size]:
+        dsu.extract_zero_shards(str(temp_dir), ds, shard)
+    topo.barrier()
+
+    slice_shapes_by_tp, _, _ = dsu._aggregate_autoep_zero12_metadata(ds.model_state_metadata)
+    slice_shapes = sorted(dsu._group_per_tp_shapes(slice_shapes_by_tp, ds.pp_degree, ds.tp_degree).items())
+    info = ds.get_checkpoint_info(UNIVERSAL_CHECKPOINT_INFO)
+    unmatched = [set(dsu.merge_tp_slices(info, str(zero_dir), str(temp_dir), ds.tp_degree, item))
+                 for item in slice_shapes[topo.rank::topo.world_size]]
+    gathered: list = [None] * topo.world_size
+    dist.all_gather_object(gathered, unmatched)
+    every = [patterns for rank in gathered for patterns in rank]
+    if every and set.intersection(*every):  # as the converter's strict mode: each merge pattern must match
+        raise RuntimeError(f"universal checkpoint conversion of {path}: merge patterns matched no parameter: "
+                           f"{sorted(set.intersection(*every))}")
+
+    if topo.is_main:
+        # Parameters without optimizer fragments (never given a gradient) still need their values.
+        for model_file in ds.mp_rank_files:
+            module = torch.load(model_file, map_location="cpu", weights_only=False).get("module") or {}
+            for name, tensor in module.items():
+                target = zero_dir / name / "fp32.pt"
+                if not target.is_file():
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    torch.save({PARAM: tensor.float()}, target)
+            del module
+        dsu._save_optimizer_state(Namespace(output_folder=str(tmp)), ds)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        for model_file in ds.mp_rank_files:
+            shutil.copy2(model_file, tmp)
+        _publish_universal(tmp, out)
+    topo.barrier()
 
 
 def _atomic_write(path: Path, text: str) -> None:

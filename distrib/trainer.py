@@ -517,8 +517,10 @@ class Trainer:
     def export(self) -> None:
         from distrib.export import export_checkpoint
 
+        path = latest_checkpoint(self.ckpt.root)
+        if self.topo.tp > 1:  # the export reads the universal checkpoint: every rank converts its share first
+            self.ckpt.make_universal(path)
         if self.topo.is_main:
-            path = latest_checkpoint(self.ckpt.root)
             export_checkpoint(path, self.out / "hf", adapter_dir=self.out / "adapter")
             extra = f" (LoRA adapter in peft's format: {self.out / 'adapter'})" if self.cfg.finetune.lora.enabled else ""
             log_main(f"exported {path.name} to {self.out / 'hf'}{extra}")

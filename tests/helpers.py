@@ -105,3 +105,43 @@ def export_matches_final_eval(out: Path, samples: int = 16, micro: int = 2) -> t
     last = max(r["step"] for r in metrics(out) if "eval_loss" in r)
     final_eval = [r for r in metrics(out) if r["step"] == last and "eval_loss" in r][0]["eval_loss"]
     return float(np.mean(batch_losses)), final_eval
+
+
+def assert_universal_as_deepspeed_writes(ckpt: Path, scratch: Path) -> None:
+    """``ckpt/universal`` (converted by the ranks of a run, each its share) equals what DeepSpeed's own
+    converter writes from the same checkpoint in one process: the same files, tensor for tensor."""
+    import shutil
+
+    import torch
+
+    from distrib.checkpoint import convert_to_universal
+
+    copy = scratch / ckpt.name
+    shutil.copytree(ckpt, copy, ignore=shutil.ignore_patterns("universal"))
+    theirs, ours = convert_to_universal(copy), ckpt / "universal"
+    files = sorted(str(p.relative_to(theirs)) for p in theirs.rglob("*") if p.is_file())
+    assert files == sorted(str(p.relative_to(ours)) for p in ours.rglob("*") if p.is_file())
+    assert any(f.endswith("exp_avg.pt") for f in files), files
+
+    def same(a, b, where):
+        if isinstance(a, torch.Tensor):
+            assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+        elif isinstance(a, dict):
+            assert a.keys() == b.keys(), where
+            for k in a:
+                same(a[k], b[k], f"{where}[{k!r}]")
+        elif isinstance(a, (list, tuple)):
+            assert len(a) == len(b), where
+            for i, (x, y) in enumerate(zip(a, b)):
+                same(x, y, f"{where}[{i}]")
+        elif hasattr(a, "__dict__") and not isinstance(a, type):  # e.g. the optimizer's loss scaler
+            assert type(a) is type(b), where
+            same(vars(a), vars(b), where)
+        else:
+            assert a == b, where
+
+    for f in files:
+        if f.endswith(".pt"):
+            same(torch.load(theirs / f, weights_only=False), torch.load(ours / f, weights_only=False), f)
+        else:
+            assert (theirs / f).read_bytes() == (ours / f).read_bytes(), f

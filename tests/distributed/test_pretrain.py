@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from distrib.data import GlobalBatchSampler
-from tests.helpers import ROOT, TINY, export_matches_final_eval, losses, metrics, prepared, run_distrib, small
+from tests.helpers import (ROOT, TINY, assert_universal_as_deepspeed_writes, export_matches_final_eval, losses, metrics,
+                           prepared, run_distrib, small)
 
 pytestmark = pytest.mark.slow
 
@@ -92,6 +93,20 @@ def test_resume_at_smaller_data_parallel_size_sees_each_sample_once(tmp_path, da
     # and training continued from the same state: losses follow the uninterrupted 2-process run
     ref, got = losses(whole), losses(out)
     np.testing.assert_allclose([got[s] for s in range(1, 7)], [ref[s] for s in range(1, 7)], rtol=RTOL)
+
+
+def test_resume_at_larger_data_parallel_size_converts_on_every_rank_and_continues(tmp_path, data_cache, reference):
+    """1 -> 2 processes at ZeRO-2: both new ranks convert the checkpoint to the universal format, each its
+    share, into what DeepSpeed's converter writes, and training continues as the unsharded reference."""
+    out = tmp_path / "run"
+    run_distrib(*small(out, data_cache, "parallel.zero_stage=2", "train.exit_after_steps=3"), nproc=1)
+    run_distrib(*small(out, data_cache, "parallel.zero_stage=2"), nproc=2)
+    state = json.loads((out / "checkpoints" / "step_00000006" / "trainer_state.json").read_text())
+    assert state["dp"] == 2
+    ref, got = losses(reference), losses(out)
+    assert sorted(got) == list(range(1, 7))
+    np.testing.assert_allclose([got[s] for s in range(1, 7)], [ref[s] for s in range(1, 7)], rtol=RTOL)
+    assert_universal_as_deepspeed_writes(out / "checkpoints" / "step_00000003", tmp_path / "alone")
 
 
 def test_export_loads_in_transformers_and_reproduces_the_trained_model(tmp_path, data_cache):

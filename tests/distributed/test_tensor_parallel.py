@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import export_matches_final_eval, losses, run_distrib, small
+from tests.helpers import assert_universal_as_deepspeed_writes, export_matches_final_eval, losses, run_distrib, small
 
 pytestmark = pytest.mark.slow
 
@@ -39,6 +39,8 @@ def test_tp2_on_2_processes_matches_tp1_and_shards_the_projections(tmp_path, dat
         # every other parameter (embeddings, norms, lm_head) is whole or split, never more than whole
         assert rank["param_bytes"] < full["param_bytes"]
         print(f"rank {rank['rank']}: {rank['param_bytes']} parameter bytes vs {full['param_bytes']} unsharded")
+    # The export's universal conversion, each rank extracting and merging its share, is DeepSpeed's own.
+    assert_universal_as_deepspeed_writes(out / "checkpoints" / "step_00000006", tmp_path / "alone")
 
 
 def test_dp2_x_tp2_on_4_processes_matches_tp1(tmp_path, data_cache, reference):
@@ -48,6 +50,7 @@ def test_dp2_x_tp2_on_4_processes_matches_tp1(tmp_path, data_cache, reference):
     layout = json.loads((out / "layout.json").read_text())
     assert (layout["dp"], layout["tp"]) == (2, 2)
     assert [(r["dp_rank"], r["tp_rank"]) for r in layout["ranks"]] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert_universal_as_deepspeed_writes(out / "checkpoints" / "step_00000006", tmp_path / "alone")
 
 
 def test_tp2_resume_is_identical_and_export_matches_unsharded(tmp_path, data_cache, reference):
