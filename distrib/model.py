@@ -101,13 +101,19 @@ def deferred_weights(enabled: bool = True):
     For tensor parallelism: AutoTP splits the model inside ``deepspeed.initialize``, and a rank that built
     the whole model first would hold all of it (about 140 GB for 70B in bf16, on every rank of a node).
     Built empty, the model is split empty and each rank then fills only its own shards
-    (:func:`distrib.tensor_parallel.materialize_shards`).
+    (:func:`distrib.tensor_parallel.materialize_shards`). A distillation teacher is built the same way
+    (:meth:`distrib.stages.distill.DistillStage.build_frozen` asks :func:`weights_deferred`).
     """
     token = _DEFERRED.set(enabled)
     try:
         yield
     finally:
         _DEFERRED.reset(token)
+
+
+def weights_deferred() -> bool:
+    """Whether models are built on the meta device here (within :func:`deferred_weights`)."""
+    return _DEFERRED.get()
 
 
 def build_model(cfg: ModelConfig, hf_cfg: PretrainedConfig, *, seed: int = 0, init_context=None,

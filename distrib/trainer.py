@@ -136,21 +136,25 @@ class Trainer:
         self.n_params = count_parameters(self.hf_cfg)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank and world size
         dtype = torch_dtype(cfg.precision)
-        # Split by AutoTP, the model is built empty: each rank fills only its own shards (materialize_shards).
+        # Split by AutoTP, the model (and a teacher) is built empty: each rank fills only its own shards
+        # (materialize_shards).
         with deferred_weights(topo.tp > 1):
             model = self._under_zero_init(ds_config, lambda: stage.build_model(cfg, self.hf_cfg, dtype))
-        frozen = {}
-        if hasattr(stage, "build_frozen"):
-            frozen = self._under_zero_init(ds_config, lambda: stage.build_frozen(cfg, dtype))
+            frozen = {}
+            if hasattr(stage, "build_frozen"):
+                frozen = self._under_zero_init(ds_config, lambda: stage.build_frozen(cfg, dtype))
         self.trainable = trainable_summary(model)
+        # Each model's own plan (a teacher's architecture may differ from the student's).
+        frozen_ds = {name: apply_plan(m, cfg, ds_config) if topo.tp > 1 else ds_config for name, m in frozen.items()}
         if topo.tp > 1:
-            for m in frozen.values():
-                apply_plan(m, cfg, ds_config)
             ds_config = apply_plan(model, cfg, ds_config)
         with materialize_shards(model):
             self.engine = build_engine(model, cfg, topo, ds_config)
         # Models that never train: engines without optimizer (nothing trainable), never checkpointed.
-        self.frozen = {name: build_engine(m, cfg, topo, ds_config) for name, m in frozen.items()}
+        self.frozen = {}
+        for name, m in frozen.items():
+            with materialize_shards(m):
+                self.frozen[name] = build_engine(m, cfg, topo, frozen_ds[name])
         self.compiled = self._compile()
         if self.frozen:
             stage.bind(self.frozen)

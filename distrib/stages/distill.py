@@ -175,13 +175,24 @@ class DistillStage:
         return student
 
     def build_frozen(self, cfg: Config, dtype: torch.dtype) -> dict[str, torch.nn.Module]:
-        """The teacher, frozen, in the training precision (built under ZeRO-3's zero.Init when it applies)."""
+        """The teacher, frozen, in the training precision (built under ZeRO-3's zero.Init when it applies).
+
+        Split by tensor parallelism (within :func:`distrib.model.deferred_weights`) it is built on the meta
+        device like the student, as the pretrained model in its directory, so that no rank ever holds the
+        whole teacher: each rank then reads only its own shards from the teacher's safetensors files when
+        its engine is built (:func:`distrib.tensor_parallel.materialize_shards`).
+        """
         from transformers import AutoModelForCausalLM
 
-        from distrib.model import attention
+        from distrib.config import ModelConfig
+        from distrib.model import attention, build_model, hf_config, weights_deferred
 
-        teacher = AutoModelForCausalLM.from_pretrained(cfg.teacher, dtype=dtype,
-                                                       attn_implementation=attention(cfg.model))
+        if weights_deferred():
+            model_cfg = ModelConfig(pretrained=cfg.teacher, attn_implementation=cfg.model.attn_implementation)
+            teacher = build_model(model_cfg, hf_config(model_cfg), seed=cfg.seed, dtype=dtype)
+        else:
+            teacher = AutoModelForCausalLM.from_pretrained(cfg.teacher, dtype=dtype,
+                                                           attn_implementation=attention(cfg.model))
         teacher.config.use_cache = False
         teacher.requires_grad_(False)
         teacher.eval()
