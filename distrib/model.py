@@ -15,11 +15,15 @@ import json
 import math
 import zlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, LlamaConfig, PretrainedConfig
 
 from distrib.config import ConfigError, ModelConfig
+
+if TYPE_CHECKING:
+    from distrib.tensor_parallel import Part
 
 
 def hf_config(cfg: ModelConfig, vocab_size: int | None = None, seq_len: int | None = None) -> PretrainedConfig:
@@ -203,7 +207,7 @@ def _safetensors_keys(path: Path, names: list[str], prefix: str) -> dict[str, tu
 
 
 class WeightSource:
-    """The value of each parameter of a model built on the meta device, one whole tensor at a time.
+    """The value of each parameter of a model built on the meta device, one tensor (or a rank's part of it) at a time.
 
     Bitwise what :func:`build_model` gives the parameter when it builds the model whole: the name-seeded
     initial value (:func:`initial_value`) cast to the model's dtype, or the tensor read from the
@@ -217,13 +221,24 @@ class WeightSource:
     def __contains__(self, name: str) -> bool:
         return self.files is None or name in self.files
 
-    def tensor(self, name: str, shape: tuple[int, ...], transposed: bool = False) -> torch.Tensor:
+    def tensor(self, name: str, shape: tuple[int, ...], transposed: bool = False,
+               part: Part | None = None) -> torch.Tensor:
         """The whole value of parameter ``name`` (of ``shape``, in the Hugging Face layout; its transpose, of
-        the reversed shape, with ``transposed``: GPT-2's ``Conv1D`` weights trained as ``nn.Linear``).
+        the reversed shape, with ``transposed``: GPT-2's ``Conv1D`` weights trained as ``nn.Linear``), or with
+        ``part`` only that part of it (:data:`distrib.tensor_parallel.Part`: ranges of one dimension, in the
+        model's layout, concatenated).
 
-        In memory of its own (:func:`_unpooled_empty`): a whole value lives only until it is split, and
-        freed it goes back to the system instead of leaving a hole between the shards that stay.
+        A whole value is in memory of its own (:func:`_unpooled_empty`): it lives only until it is split, and
+        freed it goes back to the system instead of leaving a hole between the shards that stay. A part is
+        read alone from a pretrained file (:meth:`_read_part`); an initial value is drawn whole (its
+        generator's sequence covers the whole tensor) and cut.
         """
+        if part is not None:
+            if self.files is None:
+                dim, ranges = part
+                value = self.tensor(name, shape, transposed)
+                return torch.cat([value.narrow(dim, start, stop - start) for start, stop in ranges], dim)
+            return self._read_part(name, shape, transposed, part)
         if self.files is None:
             value = initial_value(name, shape, self.cfg, self.seed, out=_unpooled_empty(shape, torch.float32))
         else:
@@ -239,6 +254,38 @@ class WeightSource:
         if value.dtype == self.dtype and self.files is None and not transposed:
             return value
         return _unpooled_empty(tuple(value.shape), self.dtype).copy_(value)
+
+    def _read_part(self, name: str, shape: tuple[int, ...], transposed: bool, part: Part) -> torch.Tensor:
+        """``part`` of the pretrained tensor ``name``, reading from its file only the ranges it is made of.
+
+        ``safetensors``' ``pread`` backend (0.8 and later) reads exactly a slice's bytes into a tensor of
+        its own; the default backend maps the file, and a slice is then a view of the mapping, copied
+        out here (only the pages it spans are read). Slicing and casting commute, and so do slicing and
+        transposing with the dimension mapped, so the part is bitwise the whole value's.
+        """
+        from safetensors import safe_open
+
+        file, key = self.files[name]
+        dim, ranges = part
+        file_dim = len(shape) - 1 - dim if transposed else dim
+        try:
+            opened, owned = safe_open(str(file), framework="pt", backend="pread"), True
+        except TypeError:  # a safetensors without backends
+            opened, owned = safe_open(str(file), framework="pt"), False
+        with opened as f:
+            sliced = f.get_slice(key)
+            if tuple(sliced.get_shape()) != tuple(shape):
+                raise ValueError(f"{file}: {key} has shape {tuple(sliced.get_shape())}, the model expects "
+                                 f"{tuple(shape)}")
+            pieces = [sliced[(slice(None),) * file_dim + (slice(start, stop),)] for start, stop in ranges]
+        value = pieces[0] if len(pieces) == 1 else torch.cat(pieces, file_dim)
+        owned = owned or len(pieces) > 1
+        del pieces
+        if transposed:
+            value = value.t()
+        if owned and value.dtype == self.dtype and value.is_contiguous():
+            return value
+        return torch.empty(tuple(value.shape), dtype=self.dtype).copy_(value)
 
 
 def _unpooled_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
