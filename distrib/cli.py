@@ -49,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a Hugging Face directory from a checkpoint")
     p.add_argument("checkpoint", help="<output_dir>/checkpoints/step_N, <output_dir>/checkpoints/latest or <output_dir>")
     p.add_argument("out_dir")
+    p.add_argument("--max-shard-size", default=None,
+                   help="split the weights into files of at most this size, e.g. 5GB (default: the run's export.max_shard_size)")
     p = sub.add_parser("eval", help="evaluate an exported model with lm-eval (offline tasks shipped)")
     p.add_argument("model_dir", help="a run's hf/ directory, the run directory, or a fine-tune's adapter/")
     p.add_argument("--tasks", default=None, help="comma-separated lm-eval task names (default: the shipped ones)")
@@ -116,7 +118,11 @@ def main(argv: list[str] | None = None) -> int:
             from distrib.checkpoint import resolve_checkpoint
             from distrib.export import export_checkpoint
 
-            print(export_checkpoint(resolve_checkpoint(args.checkpoint), args.out_dir))
+            if args.max_shard_size is not None:
+                from distrib.config import file_size
+
+                file_size(args.max_shard_size, "--max-shard-size")
+            print(export_checkpoint(resolve_checkpoint(args.checkpoint), args.out_dir, max_shard_size=args.max_shard_size))
             return 0
         if args.command == "report":
             from distrib.report import format_markdown, write_report

@@ -411,7 +411,34 @@ class MetricsConfig(_Section):
 
 
 class ExportConfig(_Section):
+    """What a finished run writes to ``<output_dir>/hf``.
+
+    ``at_end``: export when the run reaches ``train.max_steps``. ``max_shard_size`` (``5GB``, ``500MB``):
+    weights above it are split into ``model-0000i-of-0000N.safetensors`` files with an index, as
+    ``save_pretrained`` splits them (``transformers``' default, 50GB, keeps most models in one file);
+    the ranks of the run write the files in parallel.
+    """
+
     at_end: bool = True
+    max_shard_size: str = "50GB"
+
+    @model_validator(mode="after")
+    def _check(self) -> "ExportConfig":
+        file_size(self.max_shard_size, "export.max_shard_size")
+        return self
+
+
+def file_size(value: str, key: str) -> int:
+    """Bytes in ``value`` (``5GB``, ``500MB``: the sizes ``save_pretrained`` takes), or one line naming ``key``."""
+    from huggingface_hub.serialization._base import parse_size_to_int
+
+    try:
+        size = parse_size_to_int(value)
+    except ValueError:
+        size = 0
+    if size <= 0:
+        raise ConfigError(f"{key}={value!r} is not a size; write it as a number and a unit, such as 5GB, 500MB or 100KB")
+    return size
 
 
 def _set(typed: str) -> str:

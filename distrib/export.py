@@ -26,6 +26,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import yaml
@@ -36,6 +37,9 @@ from distrib.config import Config, ConfigError
 from distrib.model import empty_model, hf_config
 from distrib.parallelize import torch_dtype
 from distrib.tensor_parallel import to_hf_layout
+
+if TYPE_CHECKING:
+    from distrib.topology import Topology
 
 #: What ``save_pretrained`` uses in the installed transformers: one file for any model we train.
 MAX_SHARD_SIZE = "50GB"
@@ -91,13 +95,18 @@ def checkpoint_tensors(ckpt: Path) -> Loaders:
 
 
 def export_checkpoint(ckpt: Path, out_dir: Path, adapter_dir: Path | None = None,
-                      max_shard_size: int | str = MAX_SHARD_SIZE) -> Path:
+                      max_shard_size: int | str | None = None, topo: Topology | None = None) -> Path:
     """Write ``out_dir`` (config.json, safetensors weights, tokenizer files) from checkpoint ``ckpt``.
 
     A fine-tune's checkpoint (trained on a base, ``init_from``) is re-attached to its base; with LoRA the
     adapters are also written in peft's own format to ``adapter_dir`` (default ``out_dir/adapter``) and
-    merged into the weights of ``out_dir``. ``max_shard_size`` (bytes, or a string like ``"5GB"``) splits
-    the weights into several files as ``save_pretrained`` does.
+    merged into the weights of ``out_dir``. ``max_shard_size`` (bytes, or a string like ``"5GB"``; by
+    default the run's ``export.max_shard_size``) splits the weights into several files as
+    ``save_pretrained`` does.
+
+    With ``topo``, every rank of a job calls this, and a streamed export's weight files are dealt out
+    among the ranks, each writing its own (the checkpoint is on a file system they share); rank 0
+    writes the rest and publishes. A fine-tune, rebuilt whole on its base, is written by rank 0.
 
     Raises:
         ConfigError: ``ckpt`` is not a checkpoint, or ``out_dir`` holds something other than an export.
@@ -108,6 +117,17 @@ def export_checkpoint(ckpt: Path, out_dir: Path, adapter_dir: Path | None = None
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "config.json").is_file():
         raise ConfigError(f"{out_dir} exists and is not an earlier export; choose an empty or new directory")
     cfg = Config.model_validate(yaml.safe_load((ckpt / "config.yaml").read_text()))
+    if max_shard_size is None:
+        max_shard_size = cfg.export.max_shard_size
+    if topo is not None and topo.world_size > 1:
+        if cfg.init_from:
+            if read_state(ckpt).tp > 1:
+                convert_to_universal(ckpt, topo)  # what the merge below reads, converted by every rank
+            if topo.is_main:
+                export_checkpoint(ckpt, out_dir, adapter_dir, max_shard_size)
+            topo.barrier()
+            return out_dir
+        return _export_spread(ckpt, out_dir, cfg, max_shard_size, topo)
     tokenizer = AutoTokenizer.from_pretrained(ckpt / "tokenizer")
     dtype = torch_dtype(cfg.precision)
     adapter = None
@@ -132,6 +152,43 @@ def export_checkpoint(ckpt: Path, out_dir: Path, adapter_dir: Path | None = None
     _publish(out_dir, write)
     if adapter is not None:
         _publish(Path(adapter_dir) if adapter_dir else out_dir / "adapter", lambda tmp: os.replace(adapter, tmp))
+    return out_dir
+
+
+def _export_spread(ckpt: Path, out_dir: Path, cfg: Config, max_shard_size: int | str, topo: Topology) -> Path:
+    """The streamed export of :func:`export_checkpoint`, its weight files written by every rank of ``topo``.
+
+    The file a tensor goes to depends on the shapes only (``save_weights``' split), so every rank
+    computes the same split and writes the files it is dealt; a failure on any rank fails them all,
+    and the previous export stays whole.
+    """
+    if read_state(ckpt).tp > 1:
+        convert_to_universal(ckpt, topo)  # by every rank, before any of them reads it
+    tokenizer = AutoTokenizer.from_pretrained(ckpt / "tokenizer")
+    dtype = torch_dtype(cfg.precision)
+    model = empty_model(hf_config(cfg.model, vocab_size=len(tokenizer), seq_len=cfg.data.seq_len)).to(dtype)
+    tensors = _student(cfg, checkpoint_tensors(ckpt))
+    _check_matches(model, tensors, ckpt)
+    model.config.use_cache = True
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if topo.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    topo.barrier()
+    error = None
+    try:
+        save_weights(tmp, model, tensors, dtype, max_shard_size, part=(topo.rank, topo.world_size))
+    except Exception as e:  # noqa: BLE001 (raised below, once every rank knows)
+        error = e
+    if topo.any(error is not None):
+        if error is not None:
+            raise error
+        raise RuntimeError(f"exporting {ckpt} failed on another rank")
+    if topo.is_main:
+        _save_config(model, tmp, dtype)
+        tokenizer.save_pretrained(tmp)
+        _publish(out_dir, lambda _: None, tmp)
+    topo.barrier()
     return out_dir
 
 
@@ -170,7 +227,7 @@ def _save_config(model: torch.nn.Module, out: Path, dtype: torch.dtype) -> None:
 
 
 def save_weights(out: Path, model: torch.nn.Module, tensors: Loaders, dtype: torch.dtype,
-                 max_shard_size: int | str = MAX_SHARD_SIZE) -> list[str]:
+                 max_shard_size: int | str = MAX_SHARD_SIZE, part: tuple[int, int] = (0, 1)) -> list[str]:
     """Write ``model``'s weights into ``out`` as ``save_pretrained`` lays them out, one tensor at a time.
 
     Names, order, shapes and tied aliases come from ``model`` (it may live on the meta device); the
@@ -178,8 +235,11 @@ def save_weights(out: Path, model: torch.nn.Module, tensors: Loaders, dtype: tor
     the next is loaded. The shards are split by ``huggingface_hub``'s own rule, so the files and the
     index are those ``save_pretrained`` would write.
 
+    ``part=(i, n)``: write only the files ``i, i + n, ...`` of the split (and the index only for
+    ``i == 0``), so ``n`` processes write them all.
+
     Returns:
-        the weight files written.
+        the weight files of the split (all of them, whichever this call wrote).
     """
     from huggingface_hub import split_state_dict_into_shards_factory
 
@@ -190,9 +250,10 @@ def save_weights(out: Path, model: torch.nn.Module, tensors: Loaders, dtype: tor
     split = split_state_dict_into_shards_factory(
         specs, get_storage_size=lambda s: math.prod(s[0]) * s[1].itemsize,
         filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size)
-    for filename, names in split.filename_to_tensors.items():
+    mine, every = part
+    for filename, names in list(split.filename_to_tensors.items())[mine::every]:
         _write_safetensors(out / filename, {n: specs[n] for n in names}, tensors)
-    if split.is_sharded:
+    if split.is_sharded and mine == 0:
         params = sum(p.numel() for p in model.parameters())
         index = {"metadata": {"total_parameters": params, **split.metadata}, "weight_map": split.tensor_to_filename}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
@@ -395,10 +456,14 @@ def _on_base(cfg: Config, state: dict[str, torch.Tensor], ckpt: Path, dtype: tor
     return merged_model(model.to(torch.float32)), staged
 
 
-def _publish(out_dir: Path, write) -> None:
-    """``write(tmp)`` then swap ``tmp`` in for ``out_dir`` (the old export stays whole until then)."""
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+def _publish(out_dir: Path, write, tmp: Path | None = None) -> None:
+    """``write(tmp)`` then swap ``tmp`` in for ``out_dir`` (the old export stays whole until then).
+
+    ``tmp``: a directory already written (by several processes), instead of a fresh ``out_dir.tmp``.
+    """
+    if tmp is None:
+        tmp = out_dir.with_name(out_dir.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
     write(tmp)
     if out_dir.exists():
         shutil.rmtree(out_dir)

@@ -522,10 +522,9 @@ class Trainer:
         from distrib.export import export_checkpoint
 
         path = latest_checkpoint(self.ckpt.root)
-        if self.topo.tp > 1:  # the export reads the universal checkpoint: every rank converts its share first
-            self.ckpt.make_universal(path)
+        # Every rank takes part: in a tp>1 run's universal conversion, and in writing the weight files.
+        export_checkpoint(path, self.out / "hf", adapter_dir=self.out / "adapter", topo=self.topo)
         if self.topo.is_main:
-            export_checkpoint(path, self.out / "hf", adapter_dir=self.out / "adapter")
             extra = f" (LoRA adapter in peft's format: {self.out / 'adapter'})" if self.cfg.finetune.lora.enabled else ""
             log_main(f"exported {path.name} to {self.out / 'hf'}{extra}")
         self.topo.barrier()

@@ -113,19 +113,24 @@ def test_export_loads_in_transformers_and_reproduces_the_trained_model(tmp_path,
     from transformers import AutoTokenizer
 
     out = tmp_path / "run"
-    run_distrib(*small(out, data_cache, "parallel.zero_stage=3"), nproc=2)
+    # Weights split into files of at most 200KB, the two ranks writing them in turn.
+    run_distrib(*small(out, data_cache, "parallel.zero_stage=3", "export.max_shard_size=200KB"), nproc=2)
+    files = sorted(p.name for p in (out / "hf").glob("model-*.safetensors"))
+    assert len(files) >= 2 and (out / "hf" / "model.safetensors.index.json").is_file(), files
     tok = AutoTokenizer.from_pretrained(out / "hf")
     text = "def f(x):\n    return x"
     assert tok.decode(tok(text)["input_ids"]) == text
     # the trained model was ZeRO-3-sharded; the export must reproduce its final eval loss
     exported, trained = export_matches_final_eval(out)
     assert exported == pytest.approx(trained, rel=1e-5)
-    # `distrib export` on the same checkpoint writes the same bytes
+    # `distrib export` on the same checkpoint, one process, the run's shard size: the same files, byte for byte
     again = tmp_path / "again"
     proc = subprocess.run([sys.executable, "-m", "distrib", "export", str(out / "checkpoints" / "step_00000006"),
                            str(again)], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
-    assert (again / "model.safetensors").read_bytes() == (out / "hf" / "model.safetensors").read_bytes()
+    assert sorted(p.name for p in again.iterdir()) == sorted(p.name for p in (out / "hf").iterdir())
+    for name in [*files, "model.safetensors.index.json", "config.json"]:
+        assert (again / name).read_bytes() == (out / "hf" / name).read_bytes(), name
 
 
 LOGITS_PROBE = """

@@ -221,6 +221,8 @@ BAD = [
      "deepspeed.tensor_parallel.autotp_size is set by parallel.tp; remove it from deepspeed and set parallel.tp=2"),
     (TINY, ["deepspeed.tensor_parallel.tp.tp_size=2"], [],
      "deepspeed.tensor_parallel.tp.tp_size is set by parallel.tp; remove it from deepspeed and set parallel.tp=2"),
+    (TINY, ["export.max_shard_size=5 GiB"], [],
+     "export.max_shard_size='5 GiB' is not a size; write it as a number and a unit, such as 5GB, 500MB or 100KB"),
     (TINY, ["deepspeed.checkpoint.load_universal=true"], [],
      "deepspeed.checkpoint.load_universal is set by distrib itself; remove it from deepspeed (a resume at another "
      "data-parallel size converts to and loads the universal format automatically)"),
