@@ -204,6 +204,10 @@ def _train(args, cfg) -> int:
     if local and (args.nproc_per_node < 1 or args.nnodes < 1):
         return _fail("--nproc-per-node and --nnodes must be at least 1")
     world = args.nproc_per_node * args.nnodes if local else env.world_size
+    if local:  # this process checks and starts the workers; what DeepSpeed has to say, they say
+        from distrib.utils import quiet_deepspeed
+
+        quiet_deepspeed()
     if _launcher_rank() == 0 and args.node_rank == 0 and not held_by_launcher(cfg.output_dir):
         RunLock(cfg.output_dir).check_free()  # a busy directory is the first thing to say
     cfg = with_base(cfg, resolve_base(cfg))  # init_from: the model, its config and its tokenizer

@@ -34,6 +34,16 @@ class _ErrorsOnly(logging.Filter):
         return record.levelno >= logging.ERROR
 
 
+def quiet_deepspeed() -> None:
+    """Keep only DeepSpeed's errors in this process (its accelerator detection warns at import).
+
+    Call before ``deepspeed`` is imported; importing it here would emit the very warnings to hide.
+    """
+    deepspeed_logger = logging.getLogger("DeepSpeed")  # deepspeed.utils.logger
+    if not any(isinstance(f, _ErrorsOnly) for f in deepspeed_logger.filters):
+        deepspeed_logger.addFilter(_ErrorsOnly())
+
+
 def quiet_other_ranks(rank: int | None = None) -> None:
     """On ranks other than 0, keep only errors from the libraries and Python warnings.
 
@@ -48,10 +58,7 @@ def quiet_other_ranks(rank: int | None = None) -> None:
     """
     if (_rank() if rank is None else rank) == 0:
         return
-    # DeepSpeed is not imported here: importing it would emit the very warnings to hide.
-    deepspeed_logger = logging.getLogger("DeepSpeed")  # deepspeed.utils.logger
-    if not any(isinstance(f, _ErrorsOnly) for f in deepspeed_logger.filters):
-        deepspeed_logger.addFilter(_ErrorsOnly())
+    quiet_deepspeed()
     import datasets.utils.logging
     import transformers.utils.logging
 
