@@ -502,13 +502,11 @@ def load_text(cfg: DataConfig, hf_cache: str | Path | None = None) -> DatasetDic
             train, validation = _split_off(
                 train, cfg.validation_fraction, f"data.train_files: {_names(cfg.train_files)}"
             )
-    else:  # hub: for clusters with network access, never exercised offline
-        loaded = load_dataset(cfg.name, cfg.hub_config)
-        train = _rows(loaded["train"], fields, cfg.name)
-        if "validation" in loaded:
-            validation = _rows(loaded["validation"], fields, cfg.name)
-        else:
-            train, validation = _split_off(train, cfg.validation_fraction, f"data.name={cfg.name!r}")
+    else:  # hub: streamed, so max_documents stops the download (see distrib.hub)
+        from distrib.hub import load_hub
+
+        hf_cache = str(hf_cache if hf_cache is not None else _cache_root(cfg) / "hf_datasets")
+        train, validation = load_hub(cfg, fields, hf_cache)
     if cfg.max_documents is not None and len(train) > cfg.max_documents:
         train = train.select(range(cfg.max_documents))
     return DatasetDict({"train": train, "validation": validation})
