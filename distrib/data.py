@@ -469,7 +469,9 @@ def load_text(cfg: DataConfig, hf_cache: str | Path | None = None) -> DatasetDic
     before it is loaded (see :func:`_check_file`). Without validation files,
     ``cfg.validation_fraction`` of the train documents is split off with a fixed seed.
     ``cfg.max_documents`` then caps the train split (first N in that deterministic order),
-    leaving validation unchanged so evaluations stay comparable.
+    leaving validation unchanged so evaluations stay comparable. A hub dataset is streamed
+    (:func:`distrib.hub.load_hub`): the cap stops its download, and without a validation split the
+    documents are held out by a stable hash of their position.
 
     Args:
         cfg: the data section.
@@ -1178,6 +1180,8 @@ def _cache_key(cfg: DataConfig) -> tuple[str, dict]:
             spec["prompt_field"], spec["response_field"] = cfg.prompt_field, cfg.response_field
     if cfg.source == "builtin":
         spec["python"] = sys.version  # the corpus is this Python's library
+    if cfg.source == "hub":  # streamed, validation held out by a hash of the position (see distrib.hub)
+        spec["hub_reader"] = "stream"
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
     return digest[:16], spec
 
