@@ -1,6 +1,7 @@
 """Per-rank peak resident memory of building a tensor-parallel model and its engine, at tp=1 and tp=2.
 
-    python benchmarks/tp_build_memory.py [--no-optimizer | --teacher] [--whole] [--layers 22] [--hidden 2048] [--ffn 5632] [--vocab 32000]
+    python benchmarks/tp_build_memory.py [--no-optimizer | --teacher] [--whole]
+        [--layers 22] [--hidden 2048] [--ffn 5632] [--vocab 32000]
 
 Builds a Llama (by default the TinyLlama shape, 1.1 B parameters, bf16) the way a training run does —
 model, tensor-parallel plan, DeepSpeed engine with its AdamW (ZeRO-1; ``--no-optimizer``: an engine

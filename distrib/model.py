@@ -207,7 +207,7 @@ def _safetensors_keys(path: Path, names: list[str], prefix: str) -> dict[str, tu
 
 
 class WeightSource:
-    """The value of each parameter of a model built on the meta device, one tensor (or a rank's part of it) at a time.
+    """The value of each parameter of a model built on the meta device, one tensor (or one rank's part) at a time.
 
     Bitwise what :func:`build_model` gives the parameter when it builds the model whole: the name-seeded
     initial value (:func:`initial_value`) cast to the model's dtype, or the tensor read from the

@@ -291,9 +291,9 @@ def shard_part(param: torch.nn.Parameter, whole: tuple[int, ...]) -> Part | None
     part = None
     if partitions_as(LinearLayer, "_tp_partition", "uneven_partition") and (is_weight or is_bias):
         part = (0, _ranges((whole[0],), [layer._partition_sizes], rank))
-    elif partitions_as(LinearAllreduce, "_tp_partition", "uneven_partition") and is_weight:
+    elif partitions_as(LinearAllreduce, "_tp_partition", "uneven_partition") and is_weight and len(whole) == 2:
         part = (1, _ranges((whole[1],), [layer._partition_sizes], rank))
-    elif partitions_as(SubParamLinearLayer, "_tp_partition") or partitions_as(SubParamLinearAllreduce, "_tp_partition"):
+    elif any(partitions_as(base, "_tp_partition") for base in (SubParamLinearLayer, SubParamLinearAllreduce)):
         if is_weight and tuple(layer._logical_shape) == tuple(whole):
             dim = layer.partition_dim
         elif is_bias and isinstance(layer, SubParamLinearLayer) and layer._bias_partition_dim == 0 \
@@ -312,7 +312,8 @@ def shard_part(param: torch.nn.Parameter, whole: tuple[int, ...]) -> Part | None
 
 
 def _ranges(sizes, widths, rank: int) -> tuple[tuple[int, int], ...]:
-    """Rank ``rank``'s range of each consecutive block of ``sizes`` (split per rank into ``widths[i]``), empty ones left out."""
+    """Rank ``rank``'s range of each consecutive block of ``sizes`` (block ``i`` split per rank into ``widths[i]``),
+    empty ones left out; none if the widths do not tile the blocks."""
     if len(sizes) != len(widths):
         return ()
     out, offset = [], 0
