@@ -104,6 +104,14 @@ def _fill_empty(empty, arch, rank):
     return layers, parts
 
 
+def _assert_bitwise(got: dict, want: dict, dtype: torch.dtype) -> None:
+    """The shards filled in place equal those of the model built whole and split, bit for bit."""
+    assert got.keys() == want.keys()
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+        assert got[name].dtype == dtype and got[name].is_contiguous(), name
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("variant", ["llama", "gpt2", "llama-uneven"])
 def test_each_rank_fills_exactly_its_slices_of_the_fresh_init(variant, dtype):
@@ -194,10 +202,7 @@ def test_each_rank_reads_only_its_slices_of_the_pretrained_files(tmp_path, reads
         reads.clear()
         layers, parts = _fill_empty(empty, arch, rank)
         got = dict(empty.named_parameters())
-        assert got.keys() == want.keys()
-        for name in want:
-            assert torch.equal(got[name], want[name]), name
-            assert got[name].dtype == dtype and got[name].is_contiguous(), name
+        _assert_bitwise(got, want, dtype)
         split = {n for n, p in got.items() if hasattr(p, "_tp_partition")}
         n_split = {"llama": 7 * 2 + 1, "gpt2": (2 + 2 + 1 + 1) * 2}[arch]  # projections (+ biases), lm_head
         assert len(split) == n_split and {n for n, part in parts.items() if part is not None} == split
@@ -305,9 +310,7 @@ def test_a_teacher_split_by_tensor_parallelism_is_built_empty_and_filled_with_it
         reads.clear()
         _, parts = _fill_empty(teacher, arch, rank)
         got = dict(teacher.named_parameters())
-        assert got.keys() == want.keys()
-        for name in want:
-            assert torch.equal(got[name], want[name]), name
-            assert got[name].dtype == dtype and not got[name].requires_grad and got[name].grad is None, name
+        _assert_bitwise(got, want, dtype)
+        assert not any(p.requires_grad or p.grad is not None for p in got.values())
         split = [n for n, part in parts.items() if part is not None]
         assert split and all({how for how, _ in reads[n]} == {"slice"} for n in split)
