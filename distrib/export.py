@@ -9,7 +9,9 @@ as safetensors in the training precision, in the layout ``save_pretrained`` uses
 A model trained from scratch is streamed: each parameter is read from the checkpoint's memory-mapped
 files on its own (the ZeRO partitions of every rank gathered, or one universal ``fp32.pt`` per
 parameter for tp > 1), converted and appended to its shard, so the exporting process holds about one
-tensor at a time whatever the model's size. A fine-tune is rebuilt whole on its base (see ``_on_base``).
+tensor at a time whatever the model's size. A fine-tune is streamed too (``_stream_on_base``): what
+trained comes from the checkpoint, the rest from the base's safetensors files, a LoRA-adapted weight is
+merged when it is written; only a base without safetensors files is still loaded whole (``_on_base``).
 """
 
 from __future__ import annotations
@@ -51,8 +53,8 @@ Loaders = dict[str, Callable[[], torch.Tensor]]
 def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     """Full fp32 weights from a DeepSpeed checkpoint directory, whatever the ZeRO stage and tp.
 
-    Everything at once in memory: used for a fine-tune, whose model is rebuilt whole on its base anyway;
-    a pretraining export streams with ``checkpoint_tensors`` instead.
+    Everything at once in memory: used only for a fine-tune whose base is not in safetensors files (rebuilt
+    whole by ``_on_base``); every other export streams with ``checkpoint_tensors`` instead.
     """
     if read_state(ckpt).tp > 1:
         # Tensor-parallel slices are merged by DeepSpeed's universal converter (using the merge
@@ -106,7 +108,7 @@ def export_checkpoint(ckpt: Path, out_dir: Path, adapter_dir: Path | None = None
 
     With ``topo``, every rank of a job calls this, and a streamed export's weight files are dealt out
     among the ranks, each writing its own (the checkpoint is on a file system they share); rank 0
-    writes the rest and publishes. A fine-tune, rebuilt whole on its base, is written by rank 0.
+    writes the rest and publishes. A fine-tune is written by rank 0 alone (streamed as well).
 
     Raises:
         ConfigError: ``ckpt`` is not a checkpoint, or ``out_dir`` holds something other than an export.
@@ -132,11 +134,15 @@ def export_checkpoint(ckpt: Path, out_dir: Path, adapter_dir: Path | None = None
     dtype = torch_dtype(cfg.precision)
     adapter = None
     if cfg.init_from:
-        model, adapter = _on_base(cfg, _student(cfg, consolidated_state_dict(ckpt)), ckpt, dtype,
-                                  staging=out_dir.parent)
-        model = model.to(dtype)
-        state = model.state_dict()
-        tensors = {k: (lambda t=t: t) for k, t in state.items()}
+        streamed = _stream_on_base(cfg, _student(cfg, checkpoint_tensors(ckpt)), ckpt, dtype, staging=out_dir.parent)
+        if streamed is not None:
+            model, tensors, adapter = streamed
+        else:  # a base without safetensors files (or a LoRA variant merged otherwise): loaded whole
+            model, adapter = _on_base(cfg, _student(cfg, consolidated_state_dict(ckpt)), ckpt, dtype,
+                                      staging=out_dir.parent)
+            model = model.to(dtype)
+            state = model.state_dict()
+            tensors = {k: (lambda t=t: t) for k, t in state.items()}
     else:
         model = empty_model(hf_config(cfg.model, vocab_size=len(tokenizer), seq_len=cfg.data.seq_len)).to(dtype)
         tensors = _student(cfg, checkpoint_tensors(ckpt))
@@ -426,7 +432,8 @@ def _on_base(cfg: Config, state: dict[str, torch.Tensor], ckpt: Path, dtype: tor
     """The fine-tuned model: its base with the same frozen parts and adapters, the trained tensors loaded.
 
     Built whole in memory (the base is loaded by ``from_pretrained`` and the LoRA merge needs the
-    weights), unlike a pretraining export, which streams; the result is written by the same writer.
+    weights): the fallback of ``_stream_on_base`` for a base it cannot read one tensor at a time (no
+    safetensors files), and the reference it is tested against; the result is written by the same writer.
 
     Returns:
         the plain model (LoRA merged), and the peft adapter directory written under ``staging`` (None
@@ -468,3 +475,176 @@ def _publish(out_dir: Path, write, tmp: Path | None = None) -> None:
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
+
+
+# ----------------------------------------------------------------------------- a fine-tune, streamed
+
+def _stream_on_base(cfg: Config, trained: Loaders, ckpt: Path, dtype: torch.dtype, staging: Path):
+    """The fine-tuned model as :func:`_on_base` builds it, but as loaders: the base is never loaded whole.
+
+    The fine-tune is rebuilt on the meta device (the base's architecture, then the same freeze and LoRA),
+    which gives every name, tie and LoRA layer without a weight. Each tensor of the export then comes
+    from one place, read when it is written: the checkpoint (what trained), the base's safetensors
+    files (the rest), or, for a LoRA-adapted weight, the base weight plus peft's own ``get_delta_weight``
+    of the trained adapter. The values are rounded as ``_on_base`` rounds them: read in fp32, the peft
+    model cast to the training precision (the adapter is saved from it) and back to fp32 for the merge,
+    the merged model cast to the training precision by the writer. Only the adapter (LoRA weights,
+    ``modules_to_save`` copies, biases) is held, put into the meta model for peft's own
+    ``save_pretrained``.
+
+    Returns:
+        (the plain model on the meta device, giving the names, ties and config of the export; its
+        loaders; the peft adapter directory written under ``staging``, None without LoRA), or None when
+        the base's weights are not all in safetensors files (the export then loads it whole).
+    """
+    from distrib.adapters import _plain_name, apply_freeze, apply_lora, save_adapter
+
+    base_dir = Path(cfg.model.pretrained)
+    hf_cfg = hf_config(cfg.model)
+    hf_cfg._name_or_path = str(cfg.model.pretrained)  # as from_pretrained records it (peft's adapter_config.json)
+    skeleton = empty_model(hf_cfg).float()
+    if skeleton.can_generate() and (base_dir / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        skeleton.generation_config = GenerationConfig.from_pretrained(base_dir)  # as from_pretrained reads it
+    model = empty_model(hf_cfg).float()  # from_pretrained(dtype=float32) in _on_base
+    apply_freeze(model, cfg.finetune)
+    pm = apply_lora(model, cfg.finetune, seed=cfg.seed)
+    named = dict(pm.named_parameters())
+    trainable = {n for n, p in named.items() if p.requires_grad}
+    missing = trainable - set(trained)
+    unexpected = set(trained) - set(named)
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint {ckpt} does not match its base {cfg.model.pretrained}: missing "
+                           f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+    lora = _lora_layers(pm)
+    if lora is None:
+        return None
+    # every parameter object under all its names (a tied one has several); the plain names it may be stored under
+    aliases: dict[int, list[str]] = {}
+    for name, p in pm.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(name)
+    canonical = {id(p): n for n, p in named.items()}
+    plain = {}  # plain name of the merged model -> parameter object of pm that gives it
+    for name, p in pm.named_parameters(remove_duplicate=False):
+        if ".lora_" not in name and ".original_module." not in name:
+            plain[_plain_name(name)] = p
+    buffers = dict(skeleton.named_buffers())
+    saved = list(_saved_names(skeleton))
+    if any(n not in plain and n not in buffers for n in saved):
+        return None
+    # the parameters whose value is the base's: looked up in its files under their plain names
+    from_base = {}
+    for n in saved:
+        if n in plain and canonical[id(plain[n])] not in trained:
+            from_base[id(plain[n])] = sorted({_plain_name(a) for a in aliases[id(plain[n])]})
+    lc = cfg.finetune.lora
+    held = [n for n in named if ".lora_" in n or ".modules_to_save." in n or (lc.enabled and lc.train_biases and "bias" in n)]
+    for n in held:
+        if n not in trained:
+            from_base[id(named[n])] = sorted({_plain_name(a) for a in aliases[id(named[n])]})
+    wanted = sorted({k for keys in from_base.values() for k in keys} | {n for n in saved if n in buffers})
+    found = _base_files(base_dir, wanted, skeleton.base_model_prefix)
+    if found is None:
+        return None
+    for i, keys in from_base.items():
+        if not any(k in found for k in keys):
+            return None
+
+    def value(p: torch.nn.Parameter) -> torch.Tensor:
+        """The fp32 value ``_on_base`` loads into ``p``: the checkpoint's, else the base's read in fp32."""
+        name = canonical[id(p)]
+        if name in trained:
+            return trained[name]()
+        file, key = next(found[k] for k in from_base[id(p)] if k in found)
+        return _read_base(file, key).to(torch.float32)
+
+    adapter = None
+    if lc.enabled:
+        # the adapter as _on_base saves it: peft's model cast to the training precision
+        with torch.no_grad():
+            _materialize(pm, {id(named[n]): named[n] for n in held}, lambda p: value(p).to(dtype), aliases)
+        staging.mkdir(parents=True, exist_ok=True)
+        adapter = Path(tempfile.mkdtemp(prefix=".adapter-", dir=staging))
+        save_adapter(pm, adapter)
+        pm.to(torch.float32)  # and back to fp32 for the merge
+
+    def loader(name: str) -> Callable[[], torch.Tensor]:
+        if name not in plain:
+            if name in found:
+                file, key = found[name]
+                return lambda: _read_base(file, key)
+            return lambda: buffers[name].clone()
+        p = plain[name]
+        layer = lora.get(id(p))
+        if layer is None:
+            return lambda: value(p)
+
+        def merged() -> torch.Tensor:
+            weight = value(p).to(dtype).to(torch.float32)
+            with torch.no_grad():
+                for adapter_name in layer.active_adapters:
+                    if adapter_name in layer.lora_A:
+                        weight += layer.get_delta_weight(adapter_name)  # peft's merge, as merge_and_unload does it
+            return weight
+        return merged
+
+    return skeleton, {n: loader(n) for n in saved}, adapter
+
+
+def _lora_layers(pm: torch.nn.Module) -> dict[int, torch.nn.Module] | None:
+    """id of each LoRA-adapted base weight -> its peft LoRA layer; None if one merges otherwise than by
+    ``weight += get_delta_weight`` (DoRA and other variants, LoRA biases: not streamed)."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = {}
+    for m in pm.modules():
+        if isinstance(m, LoraLayer):
+            if getattr(m, "lora_variant", {}) or any(getattr(m, "lora_bias", {}).values()):
+                return None
+            if not isinstance(m, torch.nn.Module) or not hasattr(m.get_base_layer(), "weight"):
+                return None
+            layers[id(m.get_base_layer().weight)] = m
+    return layers
+
+
+def _base_files(base_dir: Path, names: list[str], prefix: str) -> dict[str, tuple[Path, str]] | None:
+    """Where each of ``names`` is stored among the base's safetensors files: ``{name: (file, key)}``, the
+    names they lack left out (keys as ``distrib.model._safetensors_keys`` finds them); None without
+    safetensors files."""
+    from safetensors import safe_open
+
+    index = base_dir / "model.safetensors.index.json"
+    if index.is_file():
+        files = {key: base_dir / f for key, f in json.loads(index.read_text())["weight_map"].items()}
+    elif (base_dir / "model.safetensors").is_file():
+        with safe_open(str(base_dir / "model.safetensors"), framework="pt") as f:
+            files = dict.fromkeys(f.keys(), base_dir / "model.safetensors")
+    else:
+        return None
+    found = {}
+    for name in names:
+        bare = name[len(prefix) + 1:] if prefix and name.startswith(prefix + ".") else None
+        key = name if name in files else bare if bare in files else None
+        if key is not None:
+            found[name] = (files[key], key)
+    return found
+
+
+def _read_base(file: Path, key: str) -> torch.Tensor:
+    """One tensor of a safetensors file, read alone (the file is mapped only for the read)."""
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as f:
+        return f.get_tensor(key)
+
+
+def _materialize(model: torch.nn.Module, params: dict[int, torch.nn.Parameter],
+                 value: Callable[[torch.nn.Parameter], torch.Tensor], aliases: dict[int, list[str]]) -> None:
+    """Replace each parameter of ``params`` (on the meta device) by a real one holding ``value(p)``, under
+    every name it has, so that tied parameters stay one."""
+    for i, p in params.items():
+        real = torch.nn.Parameter(value(p), requires_grad=p.requires_grad)
+        for name in aliases[i]:
+            owner, _, leaf = name.rpartition(".")
+            model.get_submodule(owner)._parameters[leaf] = real
