@@ -479,7 +479,8 @@ def _publish(out_dir: Path, write, tmp: Path | None = None) -> None:
 
 # ----------------------------------------------------------------------------- a fine-tune, streamed
 
-def _stream_on_base(cfg: Config, trained: Loaders, ckpt: Path, dtype: torch.dtype, staging: Path):
+def _stream_on_base(cfg: Config, trained: Loaders, ckpt: Path, dtype: torch.dtype,
+                    staging: Path) -> tuple[torch.nn.Module, Loaders, Path | None] | None:
     """The fine-tuned model as :func:`_on_base` builds it, but as loaders: the base is never loaded whole.
 
     The fine-tune is rebuilt on the meta device (the base's architecture, then the same freeze and LoRA),

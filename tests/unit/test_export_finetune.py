@@ -210,12 +210,12 @@ def _peak(ckpt: Path, out: Path) -> int:
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
 def test_peak_memory_does_not_grow_with_the_base(tmp_path):
     peaks, sizes = {}, {}
-    for name, layers in (("small", 2), ("large", 10)):
+    for name, layers in (("small", 1), ("large", 6)):
         base = _base(tmp_path / name / "base", layers=layers, hidden=512, base_dtype=torch.float32)
         sizes[name] = sum(f.stat().st_size for f in base.glob("*.safetensors"))
         ckpt = _checkpoint(tmp_path / name / "run", base, ["precision=bf16", "finetune.lora.rank=4",
                                                            "finetune.train_top_layers=1"])
         peaks[name] = _peak(ckpt, tmp_path / name / "hf")
     assert sizes["large"] > 4 * sizes["small"]
-    # loaded whole, the larger base alone (fp32, ~70 MB) would add far more than this margin
+    # loaded whole, the larger base alone (fp32, 45 MB more) would add far more than this margin
     assert peaks["large"] < peaks["small"] + 0.25 * (sizes["large"] - sizes["small"]), (peaks, sizes)
