@@ -8,7 +8,12 @@ export (the whole fp32 state consolidated, then ``save_pretrained``) is measured
 comparison. Finally the larger model is exported with a small ``--shard-mb`` (several shards and an
 index) and must give logits identical to the in-memory export.
 
-    python benchmarks/export_memory.py [--work DIR] [--small-layers 4] [--large-layers 32]
+    python benchmarks/export_memory.py [--work DIR] [--small-layers 4] [--large-layers 32] [--finetune]
+
+``--finetune`` measures a fine-tune's export instead: each model's streamed export becomes the base of a
+LoRA fine-tune (one optimizer step, ZeRO-2, bf16, frozen weights left out of its checkpoint), exported
+streamed (the base read one tensor at a time) and as before (the base loaded whole by ``_on_base``);
+both exports must be the same bytes, adapter included.
 
 A few minutes on 2 CPU cores; about 3 GB of disk and 3 GB of memory (the training step of the larger).
 """
@@ -77,6 +82,42 @@ def make_checkpoint(out: Path, layers: int) -> None:
     print("RESULT", json.dumps({"parameters": sum(p.numel() for p in engine.module.parameters())}))
 
 
+def make_finetune_checkpoint(out: Path, base: Path) -> None:
+    """One optimizer step of a LoRA fine-tune of ``base`` on random tokens, saved as the trainer saves it."""
+    import torch
+
+    from distrib.adapters import apply_freeze, apply_lora
+    from distrib.base import model_ref
+    from distrib.checkpoint import Checkpointer, TrainState
+    from distrib.config import load_config
+    from distrib.model import build_model, hf_config
+    from distrib.parallelize import build_engine, deepspeed_config
+    from distrib.topology import Topology
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    cfg = load_config(str(ROOT / "configs/finetune/tiny-lora.yaml"), [
+        f"output_dir={out}", f"init_from={base}", f"model.pretrained={base}", f"data.tokenizer={base}",
+        "precision=bf16", "parallel.zero_stage=2", "finetune.lora.train_norms=true", "train.micro_batch_size=1",
+        "train.global_batch_size=1", "train.max_steps=1", "train.warmup_steps=0"])
+    topo = Topology.init()
+    tokenizer = _tokenizer(VOCAB)
+    model = build_model(cfg.model, hf_config(cfg.model), seed=cfg.seed)
+    apply_freeze(model, cfg.finetune)
+    model = apply_lora(model, cfg.finetune, seed=cfg.seed)
+    engine = build_engine(model, cfg, topo, deepspeed_config(cfg, 1))
+    ids = torch.randint(0, VOCAB, (1, cfg.data.seq_len), generator=torch.Generator().manual_seed(0))
+    engine.backward(engine(input_ids=ids, labels=ids).loss)
+    engine.step()
+    state = TrainState(step=1, world_size=1, dp=1, tp=1, zero_stage=2, max_steps=1, base=model_ref(base))
+    ckpt = Checkpointer(out / "checkpoints", topo, cfg, tokenizer)
+    ckpt.exclude_frozen = True
+    ckpt.save(engine, state)
+    print("RESULT", json.dumps({"parameters": sum(p.numel() for p in engine.module.parameters())}))
+
+
 def export(ckpt: Path, out: Path, how: str, shard_mb: int | None) -> None:
     """Export ``ckpt`` and print the peak RSS above the baseline measured once the imports are done."""
     import torch  # noqa: F401 - everything the export uses, imported before the baseline
@@ -84,6 +125,8 @@ def export(ckpt: Path, out: Path, how: str, shard_mb: int | None) -> None:
     from deepspeed.utils import zero_to_fp32  # noqa: F401
     from huggingface_hub import split_state_dict_into_shards_factory  # noqa: F401
     import accelerate  # noqa: F401
+    import peft  # noqa: F401
+    import safetensors.torch  # noqa: F401
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: F401
     from transformers.modeling_utils import remove_tied_weights_from_state_dict  # noqa: F401
 
@@ -97,6 +140,20 @@ def export(ckpt: Path, out: Path, how: str, shard_mb: int | None) -> None:
     start = time.perf_counter()
     if how == "streamed":
         export_checkpoint(ckpt, out, **({"max_shard_size": shard_mb * 2**20} if shard_mb else {}))
+    elif how == "finetune_in_memory":  # a fine-tune's export as it was: the base loaded whole (_on_base)
+        from distrib import export as ex
+
+        cfg = Config.model_validate(yaml.safe_load((ckpt / "config.yaml").read_text()))
+        dtype = torch_dtype(cfg.precision)
+        out.mkdir(parents=True)
+        model, adapter = ex._on_base(cfg, consolidated_state_dict(ckpt), ckpt, dtype, staging=out.parent)
+        model = model.to(dtype)
+        state = model.state_dict()
+        model.config.use_cache = True
+        ex._save_config(model, out, dtype)
+        ex.save_weights(out, model, {k: (lambda t=t: t) for k, t in state.items()}, dtype, cfg.export.max_shard_size)
+        AutoTokenizer.from_pretrained(ckpt / "tokenizer").save_pretrained(out)
+        os.replace(adapter, out / "adapter")
     else:  # the export as it was: the whole fp32 state in memory, a model assembled from it, save_pretrained
         cfg = Config.model_validate(yaml.safe_load((ckpt / "config.yaml").read_text()))
         tokenizer = AutoTokenizer.from_pretrained(ckpt / "tokenizer")
@@ -123,7 +180,10 @@ def same_logits(a: Path, b: Path) -> bool:
 
 
 def _run(*args: str) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    # PYTHONHASHSEED: peft writes adapter_config.json's target_modules from a set of strings, in an order
+    # that differs between processes otherwise; the two fine-tune exports are compared byte for byte.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+           "PYTHONHASHSEED": "0"}
     proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, cwd=ROOT, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(args)} failed:\n{proc.stderr[-4000:]}")
@@ -136,8 +196,12 @@ def main() -> None:
     parser.add_argument("--small-layers", type=int, default=4)
     parser.add_argument("--large-layers", type=int, default=32)
     parser.add_argument("--shard-mb", type=int, default=64, help="max_shard_size of the sharded export")
+    parser.add_argument("--finetune", action="store_true", help="measure a LoRA fine-tune's export of each model")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="export-memory-"))
+    if args.finetune:
+        finetune(work, args.small_layers, args.large_layers)
+        return
     mb = 2**20
     rows = {}
     for name, layers in (("small", args.small_layers), ("large", args.large_layers)):
@@ -168,9 +232,47 @@ def main() -> None:
     sys.exit(0 if ok else 1)
 
 
+def _same_bytes(a: Path, b: Path) -> bool:
+    names = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    return names == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file()) and all(
+        (a / n).read_bytes() == (b / n).read_bytes() for n in names)
+
+
+def finetune(work: Path, small_layers: int, large_layers: int) -> None:
+    """The ``--finetune`` case: a LoRA fine-tune of each model exported streamed and as before."""
+    mb = 2**20
+    rows = {}
+    for name, layers in (("small", small_layers), ("large", large_layers)):
+        run = work / name
+        params = _run("_make", str(run), str(layers))["parameters"]
+        ckpt = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+        _run("_export", str(ckpt), str(run / "base"), "streamed")
+        ft = work / f"{name}-lora"
+        _run("_make_ft", str(ft), str(run / "base"))
+        ft_ckpt = ft / "checkpoints" / (ft / "checkpoints" / "latest").read_text().strip()
+        rows[name] = {"layers": layers, "parameters": params,
+                      "streamed": _run("_export", str(ft_ckpt), str(ft / "streamed"), "streamed"),
+                      "in_memory": _run("_export", str(ft_ckpt), str(ft / "in_memory"), "finetune_in_memory"),
+                      "identical": _same_bytes(ft / "streamed", ft / "in_memory")}
+    print(f"{'base':6} {'layers':>6} {'params':>8} {'streamed peak':>14} {'in-memory peak':>15}   (MiB above the "
+          "baseline RSS; LoRA fine-tune export)")
+    for name, r in rows.items():
+        print(f"{name:6} {r['layers']:6d} {r['parameters'] / 1e6:7.1f}M {r['streamed']['peak_above'] / mb:14.1f} "
+              f"{r['in_memory']['peak_above'] / mb:15.1f}   same bytes: {r['identical']}")
+    ratio = rows["large"]["parameters"] / rows["small"]["parameters"]
+    streamed = rows["large"]["streamed"]["peak_above"] / rows["small"]["streamed"]["peak_above"]
+    in_memory = rows["large"]["in_memory"]["peak_above"] / rows["small"]["in_memory"]["peak_above"]
+    print(f"large/small: parameters {ratio:.2f}x, streamed peak {streamed:.2f}x, in-memory peak {in_memory:.2f}x")
+    ok = ratio >= 4 and streamed <= 1.5 and all(r["identical"] for r in rows.values())
+    print("PASS" if ok else "FAIL", f"(checkpoints in {work})")
+    sys.exit(0 if ok else 1)
+
+
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "_make":
         make_checkpoint(Path(sys.argv[2]), int(sys.argv[3]))
+    elif len(sys.argv) > 1 and sys.argv[1] == "_make_ft":
+        make_finetune_checkpoint(Path(sys.argv[2]), Path(sys.argv[3]))
     elif len(sys.argv) > 1 and sys.argv[1] == "_export":
         export(Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4], int(sys.argv[5]) if len(sys.argv) > 5 else None)
     else:
