@@ -108,7 +108,8 @@ def export_checkpoint(ckpt: Path, out_dir: Path, adapter_dir: Path | None = None
 
     With ``topo``, every rank of a job calls this, and a streamed export's weight files are dealt out
     among the ranks, each writing its own (the checkpoint is on a file system they share); rank 0
-    writes the rest and publishes. A fine-tune is written by rank 0 alone (streamed as well).
+    writes the rest and publishes, the adapter too; a fine-tune whose base is loaded whole (no
+    safetensors files) is written by rank 0 alone.
 
     Raises:
         ConfigError: ``ckpt`` is not a checkpoint, or ``out_dir`` holds something other than an export.
@@ -125,7 +126,10 @@ def export_checkpoint(ckpt: Path, out_dir: Path, adapter_dir: Path | None = None
         if cfg.init_from:
             if read_state(ckpt).tp > 1:
                 convert_to_universal(ckpt, topo)  # what the merge below reads, converted by every rank
-            if topo.is_main:
+            built = _spread_on_base(cfg, ckpt, out_dir, topo)
+            if built is not None:
+                return _export_spread(ckpt, out_dir, cfg, max_shard_size, topo, built, adapter_dir)
+            if topo.is_main:  # a base loaded whole: by rank 0 alone
                 export_checkpoint(ckpt, out_dir, adapter_dir, max_shard_size)
             topo.barrier()
             return out_dir
@@ -161,20 +165,26 @@ def export_checkpoint(ckpt: Path, out_dir: Path, adapter_dir: Path | None = None
     return out_dir
 
 
-def _export_spread(ckpt: Path, out_dir: Path, cfg: Config, max_shard_size: int | str, topo: Topology) -> Path:
+def _export_spread(ckpt: Path, out_dir: Path, cfg: Config, max_shard_size: int | str, topo: Topology,
+                   built: tuple | None = None, adapter_dir: Path | None = None) -> Path:
     """The streamed export of :func:`export_checkpoint`, its weight files written by every rank of ``topo``.
 
     The file a tensor goes to depends on the shapes only (``save_weights``' split), so every rank
     computes the same split and writes the files it is dealt; a failure on any rank fails them all,
-    and the previous export stays whole.
+    and the previous export stays whole. ``built``: a fine-tune's model, loaders and adapter, from
+    :func:`_spread_on_base`.
     """
     if read_state(ckpt).tp > 1:
         convert_to_universal(ckpt, topo)  # by every rank, before any of them reads it
     tokenizer = AutoTokenizer.from_pretrained(ckpt / "tokenizer")
     dtype = torch_dtype(cfg.precision)
-    model = empty_model(hf_config(cfg.model, vocab_size=len(tokenizer), seq_len=cfg.data.seq_len)).to(dtype)
-    tensors = _student(cfg, checkpoint_tensors(ckpt))
-    _check_matches(model, tensors, ckpt)
+    adapter = None
+    if built is not None:
+        model, tensors, adapter = built
+    else:
+        model = empty_model(hf_config(cfg.model, vocab_size=len(tokenizer), seq_len=cfg.data.seq_len)).to(dtype)
+        tensors = _student(cfg, checkpoint_tensors(ckpt))
+        _check_matches(model, tensors, ckpt)
     model.config.use_cache = True
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     if topo.is_main:
@@ -187,6 +197,8 @@ def _export_spread(ckpt: Path, out_dir: Path, cfg: Config, max_shard_size: int |
     except Exception as e:  # noqa: BLE001 (raised below, once every rank knows)
         error = e
     if topo.any(error is not None):
+        if adapter is not None:
+            shutil.rmtree(adapter, ignore_errors=True)
         if error is not None:
             raise error
         raise RuntimeError(f"exporting {ckpt} failed on another rank")
@@ -194,8 +206,32 @@ def _export_spread(ckpt: Path, out_dir: Path, cfg: Config, max_shard_size: int |
         _save_config(model, tmp, dtype)
         tokenizer.save_pretrained(tmp)
         _publish(out_dir, lambda _: None, tmp)
+        if adapter is not None:
+            _publish(Path(adapter_dir) if adapter_dir else out_dir / "adapter", lambda t: os.replace(adapter, t))
     topo.barrier()
     return out_dir
+
+
+def _spread_on_base(cfg: Config, ckpt: Path, out_dir: Path, topo: Topology) -> tuple | None:
+    """:func:`_stream_on_base` on every rank of ``topo`` (rank 0 alone writes the adapter), for
+    :func:`_export_spread`; None on every rank when the base is to be loaded whole. A failure on any
+    rank fails them all."""
+    built, error = None, None
+    try:
+        built = _stream_on_base(cfg, _student(cfg, checkpoint_tensors(ckpt)), ckpt, torch_dtype(cfg.precision),
+                                staging=out_dir.parent, write_adapter=topo.is_main)
+    except Exception as e:  # noqa: BLE001 (raised below, once every rank knows)
+        error = e
+    failed = topo.any(error is not None)
+    if failed or topo.any(built is None):
+        if built is not None and built[2] is not None:
+            shutil.rmtree(built[2], ignore_errors=True)
+        if error is not None:
+            raise error
+        if failed:
+            raise RuntimeError(f"exporting {ckpt} failed on another rank")
+        return None
+    return built
 
 
 def _student(cfg: Config, tensors: dict) -> dict:
@@ -479,8 +515,8 @@ def _publish(out_dir: Path, write, tmp: Path | None = None) -> None:
 
 # ----------------------------------------------------------------------------- a fine-tune, streamed
 
-def _stream_on_base(cfg: Config, trained: Loaders, ckpt: Path, dtype: torch.dtype,
-                    staging: Path) -> tuple[torch.nn.Module, Loaders, Path | None] | None:
+def _stream_on_base(cfg: Config, trained: Loaders, ckpt: Path, dtype: torch.dtype, staging: Path,
+                    write_adapter: bool = True) -> tuple[torch.nn.Module, Loaders, Path | None] | None:
     """The fine-tuned model as :func:`_on_base` builds it, but as loaders: the base is never loaded whole.
 
     The fine-tune is rebuilt on the meta device (the base's architecture, then the same freeze and LoRA),
@@ -495,8 +531,9 @@ def _stream_on_base(cfg: Config, trained: Loaders, ckpt: Path, dtype: torch.dtyp
 
     Returns:
         (the plain model on the meta device, giving the names, ties and config of the export; its
-        loaders; the peft adapter directory written under ``staging``, None without LoRA), or None when
-        the base's weights are not all in safetensors files (the export then loads it whole).
+        loaders; the peft adapter directory written under ``staging``, None without LoRA or without
+        ``write_adapter``), or None when the base's weights are not all in safetensors files (the export
+        then loads it whole).
     """
     from distrib.adapters import _plain_name, apply_freeze, apply_lora, save_adapter
 
@@ -565,9 +602,10 @@ def _stream_on_base(cfg: Config, trained: Loaders, ckpt: Path, dtype: torch.dtyp
         # the adapter as _on_base saves it: peft's model cast to the training precision
         with torch.no_grad():
             _materialize(pm, {id(named[n]): named[n] for n in held}, lambda p: value(p).to(dtype), aliases)
-        staging.mkdir(parents=True, exist_ok=True)
-        adapter = Path(tempfile.mkdtemp(prefix=".adapter-", dir=staging))
-        save_adapter(pm, adapter)
+        if write_adapter:
+            staging.mkdir(parents=True, exist_ok=True)
+            adapter = Path(tempfile.mkdtemp(prefix=".adapter-", dir=staging))
+            save_adapter(pm, adapter)
         pm.to(torch.float32)  # and back to fp32 for the merge
 
     def loader(name: str) -> Callable[[], torch.Tensor]:

@@ -219,3 +219,65 @@ def test_peak_memory_does_not_grow_with_the_base(tmp_path):
     assert sizes["large"] > 4 * sizes["small"]
     # loaded whole, the larger base alone (fp32, 45 MB more) would add far more than this margin
     assert peaks["large"] < peaks["small"] + 0.25 * (sizes["large"] - sizes["small"]), (peaks, sizes)
+
+
+# -- the export at the end of a run: the weight files dealt out among the ranks ----------------------
+
+class _ThreadTopo:
+    """Two ranks as threads of this process: barrier and any() as the job's collectives give them."""
+
+    def __init__(self, rank: int, gate, flags: list):
+        self.rank, self.world_size, self.is_main, self.gate, self.flags = rank, 2, rank == 0, gate, flags
+
+    def barrier(self) -> None:
+        self.gate.wait()
+
+    def any(self, flag: bool) -> bool:
+        self.flags[self.rank] = flag
+        self.gate.wait()
+        result = any(self.flags)
+        self.gate.wait()
+        return result
+
+
+def test_a_finetune_export_spread_over_ranks_writes_the_same_bytes(tmp_path, monkeypatch):
+    import threading
+
+    base = _base(tmp_path / "base", shard="20KB")
+    ckpt = _checkpoint(tmp_path / "run", base, ["precision=bf16", "finetune.lora.rank=4", "finetune.lora.train_norms=true"])
+    alone = export.export_checkpoint(ckpt, tmp_path / "alone" / "hf", max_shard_size="16KB")
+    lock, real, writers = threading.Lock(), export._stream_on_base, []
+    real_save = export.save_weights
+
+    def one_at_a_time(*a, **k):  # building models on the meta device patches torch globally
+        with lock:
+            return real(*a, **k)
+
+    def save_weights(*a, part=(0, 1), **k):
+        writers.append(part)
+        return real_save(*a, part=part, **k)
+
+    monkeypatch.setattr(export, "save_weights", save_weights)
+
+    monkeypatch.setattr(export, "_stream_on_base", one_at_a_time)
+    gate, flags, errors = threading.Barrier(2), [False, False], []
+
+    def rank(r: int) -> None:
+        try:
+            export.export_checkpoint(ckpt, tmp_path / "spread" / "hf", max_shard_size="16KB",
+                                     topo=_ThreadTopo(r, gate, flags))
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+            gate.abort()
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert sorted(writers) == [(0, 2), (1, 2)]  # both ranks wrote their share, none loaded the base whole
+    spread = tmp_path / "spread" / "hf"
+    assert len(list(spread.glob("model-*.safetensors"))) > 2 and (spread / "adapter" / "adapter_config.json").is_file()
+    _same_files(alone, spread)
+    assert not list((tmp_path / "spread").glob(".adapter-*"))  # the other rank staged none
