@@ -36,7 +36,7 @@ from transformers import AutoTokenizer
 
 from distrib.checkpoint import convert_to_universal, read_state
 from distrib.config import Config, ConfigError
-from distrib.model import empty_model, hf_config
+from distrib.model import _safetensors_keys, empty_model, hf_config
 from distrib.parallelize import torch_dtype
 from distrib.tensor_parallel import to_hf_layout
 
@@ -582,7 +582,7 @@ def _stream_on_base(cfg: Config, trained: Loaders, ckpt: Path, dtype: torch.dtyp
         if n not in trained:
             from_base[id(named[n])] = sorted({_plain_name(a) for a in aliases[id(named[n])]})
     wanted = sorted({k for keys in from_base.values() for k in keys} | {n for n in saved if n in buffers})
-    found = _base_files(base_dir, wanted, skeleton.base_model_prefix)
+    found = _safetensors_keys(base_dir, wanted, skeleton.base_model_prefix, partial=True)
     if found is None:
         return None
     for i, keys in from_base.items():
@@ -645,29 +645,6 @@ def _lora_layers(pm: torch.nn.Module) -> dict[int, torch.nn.Module] | None:
                 return None
             layers[id(m.get_base_layer().weight)] = m
     return layers
-
-
-def _base_files(base_dir: Path, names: list[str], prefix: str) -> dict[str, tuple[Path, str]] | None:
-    """Where each of ``names`` is stored among the base's safetensors files: ``{name: (file, key)}``, the
-    names they lack left out (keys as ``distrib.model._safetensors_keys`` finds them); None without
-    safetensors files."""
-    from safetensors import safe_open
-
-    index = base_dir / "model.safetensors.index.json"
-    if index.is_file():
-        files = {key: base_dir / f for key, f in json.loads(index.read_text())["weight_map"].items()}
-    elif (base_dir / "model.safetensors").is_file():
-        with safe_open(str(base_dir / "model.safetensors"), framework="pt") as f:
-            files = dict.fromkeys(f.keys(), base_dir / "model.safetensors")
-    else:
-        return None
-    found = {}
-    for name in names:
-        bare = name[len(prefix) + 1:] if prefix and name.startswith(prefix + ".") else None
-        key = name if name in files else bare if bare in files else None
-        if key is not None:
-            found[name] = (files[key], key)
-    return found
 
 
 def _read_base(file: Path, key: str) -> torch.Tensor:

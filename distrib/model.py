@@ -180,8 +180,10 @@ def _build_empty(cfg: ModelConfig, hf_cfg: PretrainedConfig, seed: int, dtype) -
     return model
 
 
-def _safetensors_keys(path: Path, names: list[str], prefix: str) -> dict[str, tuple[Path, str]] | None:
-    """Where each parameter of ``names`` is stored: ``{name: (file, key)}``, or ``None`` if one is missing.
+def _safetensors_keys(path: Path, names: list[str], prefix: str,
+                      partial: bool = False) -> dict[str, tuple[Path, str]] | None:
+    """Where each parameter of ``names`` is stored: ``{name: (file, key)}``, or ``None`` if one is missing
+    (with ``partial``, the missing ones are left out instead) or there are no safetensors files.
 
     Keys are the parameter names, or (older checkpoints of a bare base model) the names without
     ``<prefix>.``.
@@ -200,9 +202,10 @@ def _safetensors_keys(path: Path, names: list[str], prefix: str) -> dict[str, tu
     for name in names:
         bare = name[len(prefix) + 1:] if prefix and name.startswith(prefix + ".") else None
         key = name if name in files else bare if bare in files else None
-        if key is None:
+        if key is not None:
+            found[name] = (files[key], key)
+        elif not partial:
             return None
-        found[name] = (files[key], key)
     return found
 
 
