@@ -53,69 +53,72 @@ def _tokenizer(vocab: int):
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0")
 
 
-def make_checkpoint(out: Path, layers: int) -> None:
-    """One optimizer step of a fresh model on random tokens, saved as a run's checkpoint."""
-    import torch
-
-    from distrib.checkpoint import Checkpointer, TrainState
-    from distrib.config import load_config
-    from distrib.model import build_model, hf_config
-    from distrib.parallelize import build_engine, deepspeed_config
+def _topology():
+    """A one-process job: its rendezvous on a free local port."""
     from distrib.topology import Topology
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    cfg = load_config(str(ROOT / "configs/pretrain/tiny.yaml"), [
-        f"output_dir={out}", *WIDTH, f"model.num_layers={layers}", "precision=bf16", "parallel.zero_stage=2",
-        "train.micro_batch_size=1", "train.global_batch_size=1", "train.max_steps=1", "train.warmup_steps=0"])
-    topo = Topology.init()
-    tokenizer = _tokenizer(VOCAB)
-    hf_cfg = hf_config(cfg.model, vocab_size=len(tokenizer), seq_len=cfg.data.seq_len)
-    engine = build_engine(build_model(cfg.model, hf_cfg, seed=cfg.seed), cfg, topo, deepspeed_config(cfg, 1))
+    return Topology.init()
+
+
+def _step_and_save(engine, cfg, topo, tokenizer, out: Path, state, exclude_frozen: bool = False) -> None:
+    """One optimizer step on random tokens, the engine saved as a run's checkpoint, its size printed."""
+    import torch
+
+    from distrib.checkpoint import Checkpointer
+
     ids = torch.randint(0, VOCAB, (1, cfg.data.seq_len), generator=torch.Generator().manual_seed(0))
     engine.backward(engine(input_ids=ids, labels=ids).loss)
     engine.step()
-    state = TrainState(step=1, world_size=1, dp=1, tp=1, zero_stage=2, max_steps=1)
-    Checkpointer(out / "checkpoints", topo, cfg, tokenizer).save(engine, state)
+    ckpt = Checkpointer(out / "checkpoints", topo, cfg, tokenizer)
+    ckpt.exclude_frozen = exclude_frozen
+    ckpt.save(engine, state)
     print("RESULT", json.dumps({"parameters": sum(p.numel() for p in engine.module.parameters())}))
+
+
+def make_checkpoint(out: Path, layers: int) -> None:
+    """One optimizer step of a fresh model on random tokens, saved as a run's checkpoint."""
+    from distrib.checkpoint import TrainState
+    from distrib.config import load_config
+    from distrib.model import build_model, hf_config
+    from distrib.parallelize import build_engine, deepspeed_config
+
+    cfg = load_config(str(ROOT / "configs/pretrain/tiny.yaml"), [
+        f"output_dir={out}", *WIDTH, f"model.num_layers={layers}", "precision=bf16", "parallel.zero_stage=2",
+        "train.micro_batch_size=1", "train.global_batch_size=1", "train.max_steps=1", "train.warmup_steps=0"])
+    topo = _topology()
+    tokenizer = _tokenizer(VOCAB)
+    hf_cfg = hf_config(cfg.model, vocab_size=len(tokenizer), seq_len=cfg.data.seq_len)
+    engine = build_engine(build_model(cfg.model, hf_cfg, seed=cfg.seed), cfg, topo, deepspeed_config(cfg, 1))
+    _step_and_save(engine, cfg, topo, tokenizer, out, TrainState(step=1, world_size=1, dp=1, tp=1, zero_stage=2,
+                                                                   max_steps=1))
 
 
 def make_finetune_checkpoint(out: Path, base: Path) -> None:
     """One optimizer step of a LoRA fine-tune of ``base`` on random tokens, saved as the trainer saves it."""
-    import torch
-
     from distrib.adapters import apply_freeze, apply_lora
     from distrib.base import model_ref
-    from distrib.checkpoint import Checkpointer, TrainState
+    from distrib.checkpoint import TrainState
     from distrib.config import load_config
     from distrib.model import build_model, hf_config
     from distrib.parallelize import build_engine, deepspeed_config
-    from distrib.topology import Topology
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     cfg = load_config(str(ROOT / "configs/finetune/tiny-lora.yaml"), [
         f"output_dir={out}", f"init_from={base}", f"model.pretrained={base}", f"data.tokenizer={base}",
         "precision=bf16", "parallel.zero_stage=2", "finetune.lora.train_norms=true", "train.micro_batch_size=1",
         "train.global_batch_size=1", "train.max_steps=1", "train.warmup_steps=0"])
-    topo = Topology.init()
+    topo = _topology()
     tokenizer = _tokenizer(VOCAB)
     model = build_model(cfg.model, hf_config(cfg.model), seed=cfg.seed)
     apply_freeze(model, cfg.finetune)
     model = apply_lora(model, cfg.finetune, seed=cfg.seed)
     engine = build_engine(model, cfg, topo, deepspeed_config(cfg, 1))
-    ids = torch.randint(0, VOCAB, (1, cfg.data.seq_len), generator=torch.Generator().manual_seed(0))
-    engine.backward(engine(input_ids=ids, labels=ids).loss)
-    engine.step()
-    state = TrainState(step=1, world_size=1, dp=1, tp=1, zero_stage=2, max_steps=1, base=model_ref(base))
-    ckpt = Checkpointer(out / "checkpoints", topo, cfg, tokenizer)
-    ckpt.exclude_frozen = True
-    ckpt.save(engine, state)
-    print("RESULT", json.dumps({"parameters": sum(p.numel() for p in engine.module.parameters())}))
+    _step_and_save(engine, cfg, topo, tokenizer, out, TrainState(step=1, world_size=1, dp=1, tp=1, zero_stage=2,
+                                                                   max_steps=1, base=model_ref(base)),
+                   exclude_frozen=True)
 
 
 def export(ckpt: Path, out: Path, how: str, shard_mb: int | None) -> None:
