@@ -148,9 +148,7 @@ def export_checkpoint(ckpt: Path, out_dir: Path, adapter_dir: Path | None = None
             state = model.state_dict()
             tensors = {k: (lambda t=t: t) for k, t in state.items()}
     else:
-        model = empty_model(hf_config(cfg.model, vocab_size=len(tokenizer), seq_len=cfg.data.seq_len)).to(dtype)
-        tensors = _student(cfg, checkpoint_tensors(ckpt))
-        _check_matches(model, tensors, ckpt)
+        model, tensors = _from_scratch(cfg, ckpt, len(tokenizer), dtype)
     model.config.use_cache = True
 
     def write(tmp: Path) -> None:
@@ -182,9 +180,7 @@ def _export_spread(ckpt: Path, out_dir: Path, cfg: Config, max_shard_size: int |
     if built is not None:
         model, tensors, adapter = built
     else:
-        model = empty_model(hf_config(cfg.model, vocab_size=len(tokenizer), seq_len=cfg.data.seq_len)).to(dtype)
-        tensors = _student(cfg, checkpoint_tensors(ckpt))
-        _check_matches(model, tensors, ckpt)
+        model, tensors = _from_scratch(cfg, ckpt, len(tokenizer), dtype)
     model.config.use_cache = True
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     if topo.is_main:
@@ -232,6 +228,14 @@ def _spread_on_base(cfg: Config, ckpt: Path, out_dir: Path, topo: Topology) -> t
             raise RuntimeError(f"exporting {ckpt} failed on another rank")
         return None
     return built
+
+
+def _from_scratch(cfg: Config, ckpt: Path, vocab_size: int, dtype: torch.dtype) -> tuple[torch.nn.Module, Loaders]:
+    """A pretrained-from-scratch model's export: its architecture on the meta device and the checkpoint's loaders."""
+    model = empty_model(hf_config(cfg.model, vocab_size=vocab_size, seq_len=cfg.data.seq_len)).to(dtype)
+    tensors = _student(cfg, checkpoint_tensors(ckpt))
+    _check_matches(model, tensors, ckpt)
+    return model, tensors
 
 
 def _student(cfg: Config, tensors: dict) -> dict:
