@@ -38,11 +38,11 @@ MIB = 2**20
 def worker(args) -> None:
     """One rank: build as ``Trainer.__init__`` does, then report the peak to ``args.out``."""
     sys.path.insert(0, str(ROOT))
-    from distrib import tensor_parallel
+    from distrib.parallel import tensor_parallel
     from distrib.model import build_model, count_parameters, deferred_weights, hf_config
-    from distrib.parallelize import build_engine, deepspeed_config, torch_dtype
-    from distrib.tensor_parallel import apply_plan, materialize_shards
-    from distrib.topology import Topology
+    from distrib.parallel.engine import build_engine, deepspeed_config, torch_dtype
+    from distrib.parallel.tensor_parallel import apply_plan, materialize_shards
+    from distrib.parallel.topology import Topology
     import torch
 
     topo = Topology.init(tp=args.tp)

@@ -8,7 +8,7 @@ What differs from pretraining is what is built and what the loss is:
 * the **student** is the model section (its own size, trained from scratch), a model of its own
   (``init_from``), or blocks cut from the teacher (``student.init_from_teacher_layers``: written once
   to ``<output_dir>/student_init/`` before any worker starts, then loaded like any pretrained model);
-* the **loss** is :func:`distrib.distill.distill_loss` (``distill.loss.*``); the hidden-state term's
+* the **loss** is :func:`distrib.train.distill.distill_loss` (``distill.loss.*``); the hidden-state term's
   projections train with the student as ``student.distill_projections`` and are dropped on export;
 * **evaluation** reports the student's plain next-token loss (``eval_loss``, comparable with the
   teacher's and with pretraining) and, as parts, the distillation loss (``eval_loss/distill`` and its
@@ -70,8 +70,8 @@ class DistillStage:
             ConfigError: one line for a missing teacher, vocabularies that differ, a teacher layer that
                 does not exist, a layer map naming a layer a model lacks, or widths that cannot be compared.
         """
-        from distrib.base import resolve_model_dir
-        from distrib.distill import check_widths, resolve_layer_map
+        from distrib.checkpoint.base import resolve_model_dir
+        from distrib.train.distill import check_widths, resolve_layer_map
 
         if not cfg.teacher:
             raise ConfigError("distill needs teacher: a distrib run directory (e.g. runs/finetune-tiny-lora), a "
@@ -119,7 +119,7 @@ class DistillStage:
 
         # Layers and widths, from the configs alone.
         if layers is not None:
-            from distrib.distill import _check_teacher_layers
+            from distrib.train.distill import _check_teacher_layers
 
             _check_teacher_layers(layers, t_layers)
             s_layers, s_width = len(layers), _width(t_raw)
@@ -161,7 +161,7 @@ class DistillStage:
     # -- in every worker ----------------------------------------------------------------------------
     def build_model(self, cfg: Config, hf_cfg, dtype: torch.dtype) -> torch.nn.Module:
         """The student, with the hidden-state projections (when the loss needs them) attached as a submodule."""
-        from distrib.distill import PROJECTIONS_ATTR, make_projections, resolve_layer_map
+        from distrib.train.distill import PROJECTIONS_ATTR, make_projections, resolve_layer_map
         from distrib.model import build_model
 
         t_raw = _read_config(Path(cfg.teacher))
@@ -180,7 +180,7 @@ class DistillStage:
         Split by tensor parallelism (within :func:`distrib.model.deferred_weights`) it is built on the meta
         device like the student, as the pretrained model in its directory, so that no rank ever holds the
         whole teacher: each rank then reads only its own shards from the teacher's safetensors files when
-        its engine is built (:func:`distrib.tensor_parallel.materialize_shards`).
+        its engine is built (:func:`distrib.parallel.tensor_parallel.materialize_shards`).
         """
         from transformers import AutoModelForCausalLM
 
@@ -211,20 +211,20 @@ class DistillStage:
         return s_out, t_out
 
     def _projections(self, model):
-        from distrib.distill import PROJECTIONS_ATTR
+        from distrib.train.distill import PROJECTIONS_ATTR
 
         return getattr(getattr(model, "module", model), PROJECTIONS_ATTR, None)
 
     def loss(self, model: torch.nn.Module, batch: dict):
-        from distrib.distill import distill_loss
+        from distrib.train.distill import distill_loss
 
         s_out, t_out = self._forward(model, batch)
         return distill_loss(s_out, t_out, batch["labels"], self.loss_cfg, self._projections(model), self.layer_map)
 
     def eval_loss(self, model: torch.nn.Module, batch: dict):
         """The student's next-token loss; the distillation loss and the teacher's next-token loss as parts."""
-        from distrib.distill import distill_loss
-        from distrib.trainer import LossOut, next_token_ce_sum
+        from distrib.train.distill import distill_loss
+        from distrib.train.trainer import LossOut, next_token_ce_sum
 
         s_out, t_out = self._forward(model, batch)
         labels = batch["labels"]
@@ -257,7 +257,7 @@ def _student_from_teacher(teacher: Path, layers: list[int], dest: Path, tokenize
             return dest
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from distrib.distill import student_from_teacher_layers
+        from distrib.train.distill import student_from_teacher_layers
 
         model = AutoModelForCausalLM.from_pretrained(teacher)
         student = student_from_teacher_layers(model, layers)

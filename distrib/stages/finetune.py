@@ -1,7 +1,7 @@
 """Fine-tuning: a pretrained base (``init_from``), frozen layers and/or LoRA adapters, causal-LM loss.
 
 The same loop as pretraining; what differs is what is built and what trains. The base comes from
-``init_from`` (its architecture, weights and tokenizer); :mod:`distrib.adapters` freezes and attaches
+``init_from`` (its architecture, weights and tokenizer); :mod:`distrib.model.adapters` freezes and attaches
 adapters in the documented order (freeze -> adapters -> tensor parallel -> activation checkpointing ->
 engine). On prompt/response data the labels of prompt tokens are -100, so the loss is the responses'.
 """
@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from distrib.adapters import apply_freeze, apply_lora
+from distrib.model.adapters import apply_freeze, apply_lora
 from distrib.config import Config, ConfigError
 from distrib.model import build_model
-from distrib.trainer import LossOut, causal_lm_loss
+from distrib.train.trainer import LossOut, causal_lm_loss
 
 
 class FinetuneStage:
@@ -23,7 +23,7 @@ class FinetuneStage:
     def check(cfg: Config) -> None:
         """Stage-specific checks, before anything starts.
 
-        ``cfg`` already carries its base (:func:`distrib.base.with_base`). Freezing and adapters are tried
+        ``cfg`` already carries its base (:func:`distrib.checkpoint.base.with_base`). Freezing and adapters are tried
         on a weightless copy of the base, so an unknown module or pattern is one line here, not an error
         in every worker.
 

@@ -6,7 +6,7 @@ import torch
 
 from distrib.config import Config, ConfigError, FinetuneConfig
 from distrib.model import build_model
-from distrib.trainer import LossOut, causal_lm_loss
+from distrib.train.trainer import LossOut, causal_lm_loss
 
 
 class PretrainStage:

@@ -3,8 +3,8 @@
 import pytest
 
 from distrib.config import load_config
-from distrib.parallelize import deepspeed_config
-from distrib.topology import device_index
+from distrib.parallel.engine import deepspeed_config
+from distrib.parallel.topology import device_index
 from tests.helpers import TINY
 
 

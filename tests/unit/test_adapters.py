@@ -1,4 +1,4 @@
-"""distrib.adapters: freezing, LoRA through peft, optimizer groups, adapter export (tiny CPU models)."""
+"""distrib.model.adapters: freezing, LoRA through peft, optimizer groups, adapter export (tiny CPU models)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 from transformers.utils import logging as hf_logging
 
-from distrib.adapters import (
+from distrib.model.adapters import (
     FinetuneConfig,
     adapter_state_dict,
     apply_freeze,

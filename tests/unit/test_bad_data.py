@@ -61,7 +61,7 @@ def refused(tmp_path: Path, train: list[Path], *overrides: str) -> str:
     Asserts it twice: ``prepare_data`` raises it, and ``distrib pretrain ... --nproc-per-node 2`` prints it as
     its one line on stderr and exits 2 before any worker starts; and that nothing was written either time.
     """
-    from distrib.cli import main
+    from distrib.commands.cli import main
 
     before = snapshot(tmp_path)
     with pytest.raises(ConfigError) as err:
@@ -357,7 +357,7 @@ def test_waiting_for_a_build_elsewhere_is_logged_only_when_it_takes_a_while(tmp_
     (PNG, "is a binary file (it holds NUL bytes), not text"),
 ], ids=["latin-1", "empty", "binary"])
 def test_cli_refuses_bad_data_in_one_line_exit_2_before_any_worker_or_file(tmp_path, capsys, content, expected):
-    from distrib.cli import main
+    from distrib.commands.cli import main
 
     bad = tmp_path / "bad.txt"
     bad.write_bytes(content)

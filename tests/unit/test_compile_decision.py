@@ -3,7 +3,7 @@
 import pytest
 
 from distrib.config import COMPILE_MIN_STEPS, ConfigError, load_config
-from distrib.trainer import attention_for, compile_blocker, compile_decision
+from distrib.train.trainer import attention_for, compile_blocker, compile_decision
 from tests.helpers import TINY
 
 

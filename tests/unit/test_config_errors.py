@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from distrib.cli import main
+from distrib.commands.cli import main
 from distrib.config import DEEPSPEED_OWNED, Config, ConfigError, ModelConfig, TrainConfig, load_config
 from tests.conftest import ROOT
 
@@ -296,7 +296,7 @@ def test_every_deepspeed_owned_key_has_a_bad_config_case():
 def test_every_key_deepspeed_config_generates_is_owned_or_a_known_tuning_default():
     """The generated DeepSpeed config is the contract: each leaf comes from a typed key (and is then refused under
     deepspeed.*) or is a fixed default that users may tune. A new generated key must be put in one of the two."""
-    from distrib.parallelize import deepspeed_config
+    from distrib.parallel.engine import deepspeed_config
 
     tuning = {
         "zero_optimization.overlap_comm", "zero_optimization.contiguous_gradients", "zero_optimization.reduce_bucket_size",

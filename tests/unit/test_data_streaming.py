@@ -72,7 +72,7 @@ def test_streaming_pack_equals_the_reference_on_random_documents(monkeypatch, tm
 
 
 def test_prepare_data_builds_the_cache_training_finds(tmp_path, capsys):
-    from distrib.cli import main
+    from distrib.commands.cli import main
     from distrib.config import load_config
 
     paragraphs = [" ".join(f"word{(i * 7 + j) % 23}" for j in range(12 + i % 5)) for i in range(40)]
@@ -88,7 +88,7 @@ def test_prepare_data_builds_the_cache_training_finds(tmp_path, capsys):
 
 
 def test_prepare_data_refuses_a_bad_key_in_one_line(tmp_path, capsys):
-    from distrib.cli import main
+    from distrib.commands.cli import main
 
     assert main(["prepare-data", TINY, f"data.cache_dir={tmp_path}", "data.no_such_key=1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -1,4 +1,4 @@
-"""distrib.distill: the distillation loss against hand-computed values, its config, layer maps, projections
+"""distrib.train.distill: the distillation loss against hand-computed values, its config, layer maps, projections
 and students cut from the teacher (tiny CPU models)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import logging as hf_logging
 
 from distrib.config import ConfigError, _describe
-from distrib.distill import (
+from distrib.train.distill import (
     DistillConfig,
     DistillLossConfig,
     StudentConfig,
@@ -25,7 +25,7 @@ from distrib.distill import (
     resolve_layer_map,
     student_from_teacher_layers,
 )
-from distrib.trainer import IGNORE_INDEX, target_tokens
+from distrib.train.trainer import IGNORE_INDEX, target_tokens
 
 hf_logging.set_verbosity_error()  # GPT-2's default bos/eos ids lie outside the tiny vocabulary
 

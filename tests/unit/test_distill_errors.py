@@ -5,7 +5,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from distrib import data
-from distrib.cli import main
+from distrib.commands.cli import main
 from distrib.config import DataConfig
 from tests.helpers import ROOT, TINY
 

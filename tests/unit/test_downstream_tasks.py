@@ -15,7 +15,7 @@ from tests.conftest import ROOT
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """The shipped tasks generated once for the module: (cache root, task directory)."""
-    from distrib.eval_tasks import task_dir
+    from distrib.commands.eval_tasks import task_dir
 
     root = tmp_path_factory.mktemp("eval-cache")
     return root, task_dir(root)
@@ -32,7 +32,7 @@ socket.socket.connect = no_network
 socket.create_connection = no_network
 
 from lm_eval.tasks import TaskManager, get_task_dict
-from distrib.eval_tasks import TASKS, task_dir
+from distrib.commands.eval_tasks import TASKS, task_dir
 
 manager = TaskManager(include_path=str(task_dir()), include_defaults=False)
 tasks = get_task_dict(list(TASKS), manager)
@@ -81,7 +81,7 @@ def test_tasks_are_the_held_out_side(built):
 
 
 def test_generation_is_deterministic(tmp_path, built):
-    from distrib.eval_tasks import task_dir
+    from distrib.commands.eval_tasks import task_dir
 
     a, b = built[1], task_dir(tmp_path)
     assert a.name == b.name

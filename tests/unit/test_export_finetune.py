@@ -19,11 +19,11 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig, PreTrainedTokenizerFast
 
-import distrib.export as export
-from distrib.adapters import apply_freeze, apply_lora
+import distrib.checkpoint.export as export
+from distrib.model.adapters import apply_freeze, apply_lora
 from distrib.checkpoint import resolve_checkpoint
 from distrib.config import Config, load_config
-from distrib.parallelize import torch_dtype
+from distrib.parallel.engine import torch_dtype
 from tests.helpers import TINY
 
 VOCAB = 128
@@ -183,7 +183,7 @@ _MEASURE = """
 import sys, time
 from pathlib import Path
 import torch, transformers, peft, safetensors, yaml  # noqa: F401 - imported before the baseline
-import distrib.export, distrib.adapters  # noqa: F401
+import distrib.checkpoint.export, distrib.model.adapters  # noqa: F401
 
 
 def status(key):
@@ -194,7 +194,7 @@ def status(key):
 
 baseline = status("VmRSS")
 Path("/proc/self/clear_refs").write_text("5")
-distrib.export.export_checkpoint(Path(sys.argv[1]), Path(sys.argv[2]))
+distrib.checkpoint.export.export_checkpoint(Path(sys.argv[1]), Path(sys.argv[2]))
 print("PEAK", status("VmHWM") - baseline)
 """
 

@@ -11,9 +11,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from distrib.checkpoint import resolve_checkpoint
 from distrib.config import Config
-from distrib.export import _gather, _save_config, consolidated_state_dict, export_checkpoint, save_weights
+from distrib.checkpoint.export import _gather, _save_config, consolidated_state_dict, export_checkpoint, save_weights
 from distrib.model import empty_model, hf_config
-from distrib.parallelize import torch_dtype
+from distrib.parallel.engine import torch_dtype
 
 
 def _in_memory_export(ckpt, out):

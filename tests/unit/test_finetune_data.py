@@ -137,7 +137,7 @@ def _tiny_llama(vocab_size: int, seq_len: int):
 
 
 def test_causal_lm_loss_counts_response_tokens_only(tmp_path, tokenizer_dir, tokenizer):
-    from distrib.trainer import IGNORE_INDEX, causal_lm_loss
+    from distrib.train.trainer import IGNORE_INDEX, causal_lm_loss
 
     assert data.IGNORE_INDEX == IGNORE_INDEX
     train = write_jsonl(tmp_path / "train.jsonl", EXAMPLES * 3)
@@ -170,7 +170,7 @@ def test_causal_lm_loss_counts_response_tokens_only(tmp_path, tokenizer_dir, tok
 
 
 def test_prompt_positions_get_no_gradient(tmp_path, tokenizer_dir, tokenizer):
-    from distrib.trainer import causal_lm_loss
+    from distrib.train.trainer import causal_lm_loss
 
     train = write_jsonl(tmp_path / "train.jsonl", EXAMPLES * 3)
     prepared = data.prepare_data(pair_cfg(tmp_path, [train], [train], seq_len=32, tokenizer=str(tokenizer_dir)), 0)

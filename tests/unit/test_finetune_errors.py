@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from distrib.cli import main
+from distrib.commands.cli import main
 from tests.conftest import ROOT
 
 TINY = str(ROOT / "configs/pretrain/tiny.yaml")

@@ -1,4 +1,4 @@
-"""distrib.generate: continuations equal to transformers' own greedy decoding, from every kind of model
+"""distrib.commands.generate: continuations equal to transformers' own greedy decoding, from every kind of model
 directory a run exports; the KV cache used although exported configs turn it off; bad input in one line."""
 
 import json
@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from distrib import data
 from distrib.config import ConfigError, DataConfig
-from distrib.generate import generate, generation_speed, resolve_model
+from distrib.commands.generate import generate, generation_speed, resolve_model
 from tests.helpers import ROOT
 
 PROMPT = "def add(a, b):"

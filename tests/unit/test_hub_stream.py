@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 from datasets import IterableDataset, IterableDatasetDict
 
-import distrib.hub as hub
+import distrib.data.hub as hub
 from distrib import data
 from distrib.config import ConfigError, DataConfig
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from distrib.config import ModelConfig
-from distrib.metrics import MetricsLogger, default_plain_every
+from distrib.train.metrics import MetricsLogger, default_plain_every
 from distrib.model import build_model, hf_config
 from tests.helpers import ROOT
 

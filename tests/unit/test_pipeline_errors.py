@@ -2,8 +2,8 @@
 
 import pytest
 
-from distrib.cli import main
-from distrib.pipeline import DEFAULT_PIPELINE, load_pipeline
+from distrib.commands.cli import main
+from distrib.commands.pipeline import DEFAULT_PIPELINE, load_pipeline
 from tests.helpers import ROOT
 
 

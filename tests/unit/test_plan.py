@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from distrib.config import ConfigError, load_config
-from distrib.plan import DEFAULT_SUB_GROUP_SIZE, GIB, activation_bytes, format_plan, plan
+from distrib.commands.plan import DEFAULT_SUB_GROUP_SIZE, GIB, activation_bytes, format_plan, plan
 
 zero_1_2 = pytest.importorskip("deepspeed.runtime.zero.stage_1_and_2")
 zero_3 = pytest.importorskip("deepspeed.runtime.zero.stage3")
@@ -232,7 +232,7 @@ def test_plan_works_on_the_shipped_tiny_config_with_the_vocab_its_tokenizer_will
 
 
 def test_plan_cli_on_the_shipped_tiny_config_exits_0(capsys):
-    from distrib.cli import main
+    from distrib.commands.cli import main
 
     assert main(["plan", str(CONFIGS / "tiny.yaml"), "--world-size", "2"]) == 0
     out = capsys.readouterr().out
@@ -321,7 +321,7 @@ def test_distillation_plans_the_teacher_weights_only_and_the_student_cut_from_it
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from distrib.config import load_config
-    from distrib.plan import plan
+    from distrib.commands.plan import plan
     from tests.helpers import ROOT
 
     teacher = tmp_path / "run" / "hf"  # a run directory with an export, as users point at it
@@ -343,7 +343,7 @@ def test_distillation_plans_the_teacher_weights_only_and_the_student_cut_from_it
 def test_the_shipped_7b_to_1b_distillation_fits_one_node_of_80_gib_gpus(tmp_path):
     from distrib.config import load_config
     from distrib.model import hf_config
-    from distrib.plan import plan
+    from distrib.commands.plan import plan
     from tests.helpers import ROOT
 
     teacher_cfg = load_config(ROOT / "configs/pretrain/llama-7b.yaml")

@@ -1,4 +1,4 @@
-"""distrib.report on run directories written by hand: exact numbers, the stages of a pipeline in order,
+"""distrib.commands.report on run directories written by hand: exact numbers, the stages of a pipeline in order,
 missing pieces as nulls, valid plots, the teacher/student comparison, and the command line."""
 
 import json
@@ -12,8 +12,8 @@ import yaml
 from PIL import Image
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import distrib.generate
-from distrib.report import WALL_TIME_NOTE, count_parameters, write_report
+import distrib.commands.generate
+from distrib.commands.report import WALL_TIME_NOTE, count_parameters, write_report
 from tests.helpers import ROOT
 
 T0 = 1_700_000_000.0
@@ -182,7 +182,7 @@ def _distill_run(tmp_path, teacher_value):
 def test_distillation_student_beside_its_teacher(tmp_path, monkeypatch):
     pipeline, teacher_params, student_params = _distill_run(tmp_path, str)
     speeds = {str(pipeline / "pretrain" / "hf"): 100.0, str(pipeline / "distill" / "hf"): 300.0}
-    monkeypatch.setattr(distrib.generate, "generation_speed", lambda d, **kw: speeds[str(d)])
+    monkeypatch.setattr(distrib.commands.generate, "generation_speed", lambda d, **kw: speeds[str(d)])
     summary = write_report(pipeline)
     pretrain, distill = summary["stages"]
     assert "distill" not in pretrain
@@ -198,7 +198,7 @@ def test_distillation_student_beside_its_teacher(tmp_path, monkeypatch):
 
 def test_distillation_with_its_teacher_gone_or_speed_skipped(tmp_path, monkeypatch):
     pipeline, _, student_params = _distill_run(tmp_path, lambda p: str(p.parent / "gone"))
-    monkeypatch.setattr(distrib.generate, "generation_speed", lambda d, **kw: pytest.fail("nothing to compare"))
+    monkeypatch.setattr(distrib.commands.generate, "generation_speed", lambda d, **kw: pytest.fail("nothing to compare"))
     d = write_report(pipeline)["stages"][1]["distill"]
     assert d["teacher"]["params"] is None and d["teacher"]["model_dir"] is None
     assert d["teacher"]["val_loss"] == 4.75  # logged by the run all the same
@@ -208,8 +208,8 @@ def test_distillation_with_its_teacher_gone_or_speed_skipped(tmp_path, monkeypat
 
 def test_real_generation_speed_of_student_and_teacher(tmp_path, monkeypatch):
     pipeline, _, _ = _distill_run(tmp_path, str)
-    real = distrib.generate.generation_speed
-    monkeypatch.setattr(distrib.generate, "generation_speed",  # both models load and decode, briefly
+    real = distrib.commands.generate.generation_speed
+    monkeypatch.setattr(distrib.commands.generate, "generation_speed",  # both models load and decode, briefly
                         lambda d, **kw: real(d, prompt_tokens=4, new_tokens=3, repeats=1))
     d = write_report(pipeline)["stages"][1]["distill"]
     assert d["student"]["tokens_per_s"] > 0 and d["teacher"]["tokens_per_s"] > 0

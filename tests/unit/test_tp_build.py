@@ -12,12 +12,12 @@ from deepspeed.module_inject.tp_shard import AutoTPMeta
 from distrib.config import Config, ModelConfig
 from distrib.model import WEIGHT_SOURCE_ATTR, build_model, deferred_weights, hf_config
 from distrib.stages.distill import DistillStage
-from distrib.tensor_parallel import _gpt2_to_linear, fill_shards, shard_part
+from distrib.parallel.tensor_parallel import _gpt2_to_linear, fill_shards, shard_part
 
 TP = 2
 COLUMN = {"llama": ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "lm_head"), "gpt2": ("mlp.c_fc",)}
 ROW = {"llama": ("o_proj", "down_proj"), "gpt2": ("attn.c_proj", "mlp.c_proj")}
-#: Column-parallel as sub-parameters [q; k; v], each split on its own (the plan of distrib.tensor_parallel).
+#: Column-parallel as sub-parameters [q; k; v], each split on its own (the plan of distrib.parallel.tensor_parallel).
 FUSED_QKV = {"llama": (), "gpt2": ("attn.c_attn",)}
 SIZES = {
     "llama": {"arch": "llama"},

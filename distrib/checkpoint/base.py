@@ -70,7 +70,7 @@ def resolve_model_dir(value: str, key: str, copy: Path) -> Path:
             f"{key}={value!r} is not a model: no config.json with weights, no hf/ export and no "
             "checkpoint; point it at a distrib run directory, a checkpoint or a Hugging Face model directory"
         ) from None
-    from distrib.export import export_checkpoint
+    from distrib.checkpoint.export import export_checkpoint
 
     copy.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(copy) + ".lock"):  # the ranks of an srun/mpirun job all get here

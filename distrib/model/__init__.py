@@ -1,10 +1,10 @@
 """Build plain Hugging Face causal LMs from :class:`~distrib.config.ModelConfig`.
 
 Model code knows nothing of distribution: parallelism is applied afterwards by
-:mod:`distrib.parallelize`. Under ZeRO-3 the model is built inside ``deepspeed.zero.Init`` so
+:mod:`distrib.parallel.engine`. Under ZeRO-3 the model is built inside ``deepspeed.zero.Init`` so
 that no rank ever holds the whole model; under tensor parallelism, for the same reason, it is built
 on the meta device and each rank fills only its shards once AutoTP has split it
-(:func:`deferred_weights`, :func:`distrib.tensor_parallel.materialize_shards`).
+(:func:`deferred_weights`, :func:`distrib.parallel.tensor_parallel.materialize_shards`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, LlamaConf
 from distrib.config import ConfigError, ModelConfig
 
 if TYPE_CHECKING:
-    from distrib.tensor_parallel import Part
+    from distrib.parallel.tensor_parallel import Part
 
 
 def hf_config(cfg: ModelConfig, vocab_size: int | None = None, seq_len: int | None = None) -> PretrainedConfig:
@@ -105,7 +105,7 @@ def deferred_weights(enabled: bool = True):
     For tensor parallelism: AutoTP splits the model inside ``deepspeed.initialize``, and a rank that built
     the whole model first would hold all of it (about 140 GB for 70B in bf16, on every rank of a node).
     Built empty, the model is split empty and each rank then fills only its own shards
-    (:func:`distrib.tensor_parallel.materialize_shards`). A distillation teacher is built the same way
+    (:func:`distrib.parallel.tensor_parallel.materialize_shards`). A distillation teacher is built the same way
     (:meth:`distrib.stages.distill.DistillStage.build_frozen` asks :func:`weights_deferred`).
     """
     token = _DEFERRED.set(enabled)
@@ -228,7 +228,7 @@ class WeightSource:
                part: Part | None = None) -> torch.Tensor:
         """The whole value of parameter ``name`` (of ``shape``, in the Hugging Face layout; its transpose, of
         the reversed shape, with ``transposed``: GPT-2's ``Conv1D`` weights trained as ``nn.Linear``), or with
-        ``part`` only that part of it (:data:`distrib.tensor_parallel.Part`: ranges of one dimension, in the
+        ``part`` only that part of it (:data:`distrib.parallel.tensor_parallel.Part`: ranges of one dimension, in the
         model's layout, concatenated).
 
         A whole value is in memory of its own (:func:`_unpooled_empty`): it lives only until it is split, and

@@ -250,7 +250,7 @@ class ModelConfig(_Section):
     compile: bool | Literal["auto"] = "auto"
     #: The attention kernel: ``sdpa`` (PyTorch's fused scaled-dot-product attention), ``eager`` (matmuls and a
     #: softmax, which torch.compile fuses itself) or ``auto``: ``eager`` for a compiled model on the CPU, where
-    #: the compiled matmuls beat the CPU's sdpa kernel, else ``sdpa`` (see :func:`distrib.trainer.attention_for`).
+    #: the compiled matmuls beat the CPU's sdpa kernel, else ``sdpa`` (see :func:`distrib.train.trainer.attention_for`).
     attn_implementation: Literal["auto", "sdpa", "eager"] = "auto"
 
     @model_validator(mode="after")
@@ -450,7 +450,7 @@ _PRECISION = _set("precision=bf16, precision=fp16 or precision=fp32")
 
 #: DeepSpeed keys the typed config owns: dotted path under ``deepspeed`` -> (typed key, fix).
 #:
-#: :func:`distrib.parallelize.deepspeed_config` generates these from typed keys, and ``deepspeed.*``
+#: :func:`distrib.parallel.engine.deepspeed_config` generates these from typed keys, and ``deepspeed.*``
 #: is merged over its output last, so a raw value would silently win while checkpoints, the resume
 #: check, ``distrib plan`` and ``zero.Init`` still believe the typed one (``parallel.zero_stage=1`` with
 #: ``deepspeed.zero_optimization.stage=3`` trained ZeRO-3). Any such key is refused, whatever its

@@ -41,7 +41,7 @@ from distrib.config import Config, ConfigError, config_diff
 from distrib.utils import log_main
 
 if TYPE_CHECKING:
-    from distrib.topology import Topology
+    from distrib.parallel.topology import Topology
 
 UNIVERSAL_KEY = "universal_checkpoint_info"
 
@@ -187,7 +187,7 @@ class Checkpointer:
             TrainingError: the save failed on some rank (a full disk, say); the partial checkpoint is
                 removed and ``latest`` still names the previous one.
         """
-        from distrib.trainer import TrainingError
+        from distrib.train.trainer import TrainingError
 
         name = f"step_{state.step:08d}"
         final, tmp = self.root / name, self.root / f"{name}.tmp"

@@ -14,7 +14,7 @@ distributed code; the distillation stage calls them on the one training loop::
 
 Rules, in one place:
 
-* **Target tokens** are those of :func:`distrib.trainer.causal_lm_loss`: logits at position ``t`` predict
+* **Target tokens** are those of :func:`distrib.train.trainer.causal_lm_loss`: logits at position ``t`` predict
   token ``t + 1``, and position ``t`` counts when ``labels[:, t + 1] != -100``. Every component is a *sum*
   over those positions (the loop divides by the global number of target tokens), computed in fp32 from
   only the target rows (the logits of other positions never enter the loss, whatever they hold).
@@ -67,7 +67,7 @@ from distrib.config import (  # noqa: F401 (the distillation config lives with t
     _check_teacher_layers,
     _show_pair,
 )
-from distrib.trainer import IGNORE_INDEX, LossOut
+from distrib.train.trainer import IGNORE_INDEX, LossOut
 
 #: The attribute of the student that holds the projections while it trains; the export drops it.
 PROJECTIONS_ATTR = "distill_projections"
@@ -250,7 +250,7 @@ def _hidden_loss(student_out: Any, teacher_out: Any, mask: torch.Tensor, project
 
 
 def _blocks(model: nn.Module) -> tuple[str, int]:
-    from distrib.adapters import find_blocks  # one rule for finding the transformer blocks
+    from distrib.model.adapters import find_blocks  # one rule for finding the transformer blocks
 
     return find_blocks(model)
 

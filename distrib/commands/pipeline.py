@@ -20,7 +20,7 @@ fine-tune), unless the stage's config or overrides say otherwise.
 Each stage is the stage's own command (``distrib pretrain ... --nproc-per-node N``) in a child
 process, so locks, resume, data preparation and export are exactly those of a stage run by hand. A
 finished stage is skipped; an interrupted one resumes; the same command run again carries on where it
-stopped. At the end :func:`distrib.report.write_report` writes ``summary.json``, ``summary.md`` and
+stopped. At the end :func:`distrib.commands.report.write_report` writes ``summary.json``, ``summary.md`` and
 the plots into ``output_dir``.
 
 On the command line: ``output_dir=DIR`` moves the whole pipeline, ``nproc_per_node=N`` (or
@@ -232,12 +232,12 @@ def run_pipeline(p: Pipeline, say=print) -> int:
                     "command again: finished stages are skipped, this one resumes")
                 return code
         if p.downstream is not None:
-            from distrib.downstream import evaluate_model
+            from distrib.commands.evaluate import evaluate_model
 
             for stage in p.stages:  # each stage's model on the same tasks; eval.json beside its run
                 say(f"distrib run: {stage.name}: downstream evaluation (lm-eval)")
                 evaluate_model(stage.output_dir, tasks=p.downstream.get("tasks"), limit=p.downstream.get("limit"))
-        from distrib.report import format_markdown, write_report
+        from distrib.commands.report import format_markdown, write_report
 
         summary = write_report(p.output_dir)
         say(format_markdown(summary))
@@ -249,7 +249,7 @@ def run_pipeline(p: Pipeline, say=print) -> int:
 
 
 def main(path: str | None, overrides: list[str], nproc_per_node: int | None) -> int:
-    from launch.env import detect
+    from distrib.launch.env import detect
 
     env = detect()
     if env.launcher != "none" and env.world_size > 1:

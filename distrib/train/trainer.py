@@ -21,17 +21,17 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from distrib import faults
-from distrib.adapters import format_summary, trainable_summary
-from distrib.base import model_ref
+from distrib.model.adapters import format_summary, trainable_summary
+from distrib.checkpoint.base import model_ref
 from distrib.checkpoint import Checkpointer, TrainState, latest_checkpoint
 from distrib.config import Config
 from distrib.data import IGNORE_INDEX, GlobalBatchSampler, collate, prepare_data  # noqa: F401 (re-exported)
-from distrib.metrics import MetricsLogger, keep_rows_through, measure_peak_tflops
+from distrib.train.metrics import MetricsLogger, keep_rows_through, measure_peak_tflops
 from distrib.model import (count_parameters, deferred_weights, flops_per_token, forward_flops_per_token, hf_config,
                            matmul_shape)
-from distrib.parallelize import build_engine, deepspeed_config, torch_dtype
-from distrib.tensor_parallel import apply_plan, materialize_shards
-from distrib.topology import Topology
+from distrib.parallel.engine import build_engine, deepspeed_config, torch_dtype
+from distrib.parallel.tensor_parallel import apply_plan, materialize_shards
+from distrib.parallel.topology import Topology
 from distrib.utils import StopRequest, keep_freed_host_memory, log_main
 
 @dataclass
@@ -519,7 +519,7 @@ class Trainer:
         return state
 
     def export(self) -> None:
-        from distrib.export import export_checkpoint
+        from distrib.checkpoint.export import export_checkpoint
 
         path = latest_checkpoint(self.ckpt.root)
         # Every rank takes part: in a tp>1 run's universal conversion, and in writing the weight files.

@@ -81,7 +81,7 @@ def _stage_of(run: Path) -> str:
 
 def read_metrics(run: Path) -> list[dict]:
     """The rows of ``run/metrics.jsonl`` that parse (a run killed mid-write tears its last line)."""
-    from distrib.metrics import read_rows
+    from distrib.train.metrics import read_rows
 
     return [row for _, row in read_rows(run / "metrics.jsonl")]
 
@@ -177,7 +177,7 @@ def _teacher_path(cfg: dict) -> str | None:
 def _teacher_dir(path: str, run: Path) -> Path | None:
     """The teacher's HF directory: ``path`` itself or ``path/hf`` (as given, or relative to the run's parent),
     else ``run/teacher``, where a distillation run exports a teacher given as a checkpoint."""
-    from distrib.generate import hf_dir_of
+    from distrib.commands.generate import hf_dir_of
 
     for base in (Path(path).expanduser(), run.parent / path, run / "teacher"):
         found = hf_dir_of(base)
@@ -187,7 +187,7 @@ def _teacher_dir(path: str, run: Path) -> Path | None:
 
 
 def _speed(model_dir: Path) -> float | None:
-    from distrib.generate import generation_speed
+    from distrib.commands.generate import generation_speed
 
     try:
         return generation_speed(model_dir)

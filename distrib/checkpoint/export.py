@@ -37,11 +37,11 @@ from transformers import AutoTokenizer
 from distrib.checkpoint import convert_to_universal, read_state
 from distrib.config import Config, ConfigError
 from distrib.model import _safetensors_keys, empty_model, hf_config
-from distrib.parallelize import torch_dtype
-from distrib.tensor_parallel import to_hf_layout
+from distrib.parallel.engine import torch_dtype
+from distrib.parallel.tensor_parallel import to_hf_layout
 
 if TYPE_CHECKING:
-    from distrib.topology import Topology
+    from distrib.parallel.topology import Topology
 
 #: What ``save_pretrained`` uses in the installed transformers: one file for any model we train.
 MAX_SHARD_SIZE = "50GB"
@@ -242,7 +242,7 @@ def _student(cfg: Config, tensors: dict) -> dict:
     """Leave out the hidden-state projections a distillation trained with the student (not part of it)."""
     if not cfg.teacher:
         return tensors
-    from distrib.distill import PROJECTIONS_ATTR
+    from distrib.train.distill import PROJECTIONS_ATTR
 
     return {k: v for k, v in tensors.items() if not k.startswith(PROJECTIONS_ATTR + ".")}
 
@@ -481,7 +481,7 @@ def _on_base(cfg: Config, state: dict[str, torch.Tensor], ckpt: Path, dtype: tor
     """
     from transformers import AutoModelForCausalLM
 
-    from distrib.adapters import apply_freeze, apply_lora, merged_model, save_adapter
+    from distrib.model.adapters import apply_freeze, apply_lora, merged_model, save_adapter
 
     base = AutoModelForCausalLM.from_pretrained(cfg.model.pretrained, dtype=torch.float32)
     apply_freeze(base, cfg.finetune)
@@ -539,7 +539,7 @@ def _stream_on_base(cfg: Config, trained: Loaders, ckpt: Path, dtype: torch.dtyp
         ``write_adapter``), or None when the base's weights are not all in safetensors files (the export
         then loads it whole).
     """
-    from distrib.adapters import _plain_name, apply_freeze, apply_lora, save_adapter
+    from distrib.model.adapters import _plain_name, apply_freeze, apply_lora, save_adapter
 
     base_dir = Path(cfg.model.pretrained)
     hf_cfg = hf_config(cfg.model)

@@ -19,7 +19,7 @@ import deepspeed
 import torch
 
 from distrib.config import Config
-from distrib.topology import Topology
+from distrib.parallel.topology import Topology
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -112,7 +112,7 @@ def build_engine(model: torch.nn.Module, cfg: Config, topo: Topology, ds_config:
     ``train.decay_embeddings``) do not. A model with nothing to train (a frozen control run, a teacher)
     gets an engine without optimizer: ZeRO-3 still partitions it, nothing holds optimizer state.
     """
-    from distrib.adapters import param_groups
+    from distrib.model.adapters import param_groups
 
     groups = param_groups(model, cfg.train.weight_decay, decay_embeddings=cfg.train.decay_embeddings)
     if not groups:

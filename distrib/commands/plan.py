@@ -227,7 +227,7 @@ def _dim(hf_cfg, *names: str) -> int:
 def tokenizer_vocab_size(cfg: Config) -> int | None:
     """The vocabulary the run's model will have when ``model.vocab_size`` is unset, without training anything.
 
-    The model then takes the tokenizer's length (:class:`distrib.trainer.Trainer`): with
+    The model then takes the tokenizer's length (:class:`distrib.train.trainer.Trainer`): with
     ``data.tokenizer`` unset the run trains a byte-level BPE of ``data.vocab_size`` tokens, so that
     is the size (BPE training stops there; only a corpus too small to reach it gives fewer, and then
     the plan errs large); with ``data.tokenizer`` set it is that tokenizer's length, read from its

@@ -470,7 +470,7 @@ def load_text(cfg: DataConfig, hf_cache: str | Path | None = None) -> DatasetDic
     ``cfg.validation_fraction`` of the train documents is split off with a fixed seed.
     ``cfg.max_documents`` then caps the train split (first N in that deterministic order),
     leaving validation unchanged so evaluations stay comparable. A hub dataset is streamed
-    (:func:`distrib.hub.load_hub`): the cap stops its download, and without a validation split the
+    (:func:`distrib.data.hub.load_hub`): the cap stops its download, and without a validation split the
     documents are held out by a stable hash of their position.
 
     Args:
@@ -504,8 +504,8 @@ def load_text(cfg: DataConfig, hf_cache: str | Path | None = None) -> DatasetDic
             train, validation = _split_off(
                 train, cfg.validation_fraction, f"data.train_files: {_names(cfg.train_files)}"
             )
-    else:  # hub: streamed, so max_documents stops the download (see distrib.hub)
-        from distrib.hub import load_hub
+    else:  # hub: streamed, so max_documents stops the download (see distrib.data.hub)
+        from distrib.data.hub import load_hub
 
         hf_cache = str(hf_cache if hf_cache is not None else _cache_root(cfg) / "hf_datasets")
         train, validation = load_hub(cfg, fields, hf_cache)
@@ -1180,7 +1180,7 @@ def _cache_key(cfg: DataConfig) -> tuple[str, dict]:
             spec["prompt_field"], spec["response_field"] = cfg.prompt_field, cfg.response_field
     if cfg.source == "builtin":
         spec["python"] = sys.version  # the corpus is this Python's library
-    if cfg.source == "hub":  # streamed, validation held out by a hash of the position (see distrib.hub)
+    if cfg.source == "hub":  # streamed, validation held out by a hash of the position (see distrib.data.hub)
         spec["hub_reader"] = "stream"
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
     return digest[:16], spec

@@ -8,7 +8,7 @@ its ``adapter_config.json`` through lm-eval's ``peft=`` model argument. The eval
 ``lm_eval.simple_evaluate`` with the ``hf`` model type; its table is printed and its results are
 written to ``MODEL_DIR/eval.json``.
 
-The default tasks are the ones shipped with distrib (:mod:`distrib.eval_tasks`: held-out perplexity on
+The default tasks are the ones shipped with distrib (:mod:`distrib.commands.eval_tasks`: held-out perplexity on
 the built-in corpora, a next-line multiple-choice task and the instruction data's held-out responses),
 built from this Python's standard library on first use. Any other lm-eval task name works where its
 data is already on the machine: the command forces ``HF_DATASETS_OFFLINE`` and ``HF_HUB_OFFLINE``, so
@@ -114,7 +114,7 @@ def _check_one_process() -> None:
 
     An sbatch batch shell is one process, whatever its allocation's task count.
     """
-    from launch.env import LaunchEnvError, world_size_hint
+    from distrib.launch.env import LaunchEnvError, world_size_hint
 
     try:
         size = world_size_hint()
@@ -131,7 +131,7 @@ def task_manager(tasks: str | list[str] | None, cache_root: str | Path | None = 
     lm-eval's own task index (thousands of YAMLs, seconds to read) is only loaded when a requested
     name is not a shipped one.
     """
-    from distrib.eval_tasks import TAG, TASKS, task_dir
+    from distrib.commands.eval_tasks import TAG, TASKS, task_dir
 
     if isinstance(tasks, str):
         tasks = tasks.split(",")

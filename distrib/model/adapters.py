@@ -1,7 +1,7 @@
 """Which parameters a fine-tune trains: frozen parts, LoRA adapters, optimizer groups, adapter export.
 
 Pure functions on a plain ``torch.nn.Module`` (a Hugging Face causal LM: Llama family, GPT-2), with
-no distributed code; the fine-tuning stage calls them in the order of :mod:`distrib.parallelize`::
+no distributed code; the fine-tuning stage calls them in the order of :mod:`distrib.parallel.engine`::
 
     apply_freeze(model, cfg)              # requires_grad per finetune.freeze / train_top_layers / trainable
     model = apply_lora(model, cfg, seed)  # peft LoRA when finetune.lora.rank is set (else model unchanged)

@@ -110,13 +110,13 @@ def main(argv: list[str] | None = None) -> int:
     args.command = argv[0]
     try:
         if args.command == "run":
-            from distrib.pipeline import main as run_pipeline
+            from distrib.commands.pipeline import main as run_pipeline
 
             first = args.args[0] if args.args and "=" not in args.args[0] else None
             return run_pipeline(first, args.args[1:] if first else args.args, args.nproc_per_node)
         if args.command == "export":
             from distrib.checkpoint import resolve_checkpoint
-            from distrib.export import export_checkpoint
+            from distrib.checkpoint.export import export_checkpoint
 
             if args.max_shard_size is not None:
                 from distrib.config import file_size
@@ -125,23 +125,23 @@ def main(argv: list[str] | None = None) -> int:
             print(export_checkpoint(resolve_checkpoint(args.checkpoint), args.out_dir, max_shard_size=args.max_shard_size))
             return 0
         if args.command == "report":
-            from distrib.report import format_markdown, write_report
+            from distrib.commands.report import format_markdown, write_report
 
             print(format_markdown(write_report(args.run_dir, measure_speed=not args.no_speed)), end="")
             return 0
         if args.command == "generate":
-            from distrib.generate import generate
+            from distrib.commands.generate import generate
 
             print(generate(args.model_dir, args.prompt, max_new_tokens=args.max_new_tokens,
                            temperature=args.temperature, top_p=args.top_p, seed=args.seed))
             return 0
         if args.command == "eval":
-            from distrib.downstream import main as evaluate
+            from distrib.commands.evaluate import main as evaluate
 
             return evaluate(args.model_dir, args.tasks, args.limit, args.batch_size)
         cfg = load_config(args.config, args.overrides)
         if args.command == "plan":
-            from distrib.plan import format_plan, plan
+            from distrib.commands.plan import format_plan, plan
 
             print(format_plan(plan(cfg, args.world_size, args.gpus_per_node, args.gpu_memory_gib)))
             return 0
@@ -163,7 +163,7 @@ def _prepare_data(cfg) -> int:
     """
     import json
 
-    from distrib.base import resolve_base, with_base
+    from distrib.checkpoint.base import resolve_base, with_base
     from distrib.data import prepare_data
     from distrib.stages import stage_class
 
@@ -186,12 +186,12 @@ def _train(args, cfg) -> int:
     worker or process group exists: the config, the world, the resume point and the data (prepared
     into the shared cache now, so a bad file is one line, not a traceback per rank).
     """
-    from distrib.base import check_base, resolve_base, with_base
+    from distrib.checkpoint.base import check_base, resolve_base, with_base
     from distrib.checkpoint import check_resumable
     from distrib.data import prepare_data
     from distrib.stages import stage_class
     from distrib.lock import RunLock, held_by_launcher
-    from launch.env import LaunchEnvError, detect
+    from distrib.launch.env import LaunchEnvError, detect
 
     try:
         env = detect()
@@ -226,7 +226,7 @@ def _train(args, cfg) -> int:
     prepare_data(cfg.data, cfg.seed)  # bad data is one line here; workers after this hit the cache
 
     if local:
-        from launch.local import run_local
+        from distrib.launch.local import run_local
 
         # held by this process while its workers run (node 0's, when nodes share the file system)
         lock = RunLock(cfg.output_dir).acquire() if args.node_rank == 0 else None
@@ -250,8 +250,8 @@ def _train(args, cfg) -> int:
 
     quiet_other_ranks()  # before DeepSpeed is imported: its import already warns
 
-    from distrib.topology import Topology
-    from distrib.trainer import Trainer, TrainingError
+    from distrib.parallel.topology import Topology
+    from distrib.train.trainer import Trainer, TrainingError
     from distrib.utils import setup_logging
 
     setup_logging()
@@ -289,7 +289,7 @@ def _finished(cfg, checkpoint) -> bool:
         return False
     hf = Path(cfg.output_dir) / "hf"
     if cfg.export.at_end and not (hf / "config.json").is_file():
-        from distrib.export import export_checkpoint
+        from distrib.checkpoint.export import export_checkpoint
 
         export_checkpoint(checkpoint, hf, adapter_dir=Path(cfg.output_dir) / "adapter")
     if _launcher_rank() == 0:
