@@ -37,6 +37,7 @@ import torch
 import yaml
 
 from distrib import faults
+from distrib.errors import TrainingError
 from distrib.config import Config, ConfigError, config_diff
 from distrib.utils import log_main
 
@@ -187,8 +188,6 @@ class Checkpointer:
             TrainingError: the save failed on some rank (a full disk, say); the partial checkpoint is
                 removed and ``latest`` still names the previous one.
         """
-        from distrib.train.trainer import TrainingError
-
         name = f"step_{state.step:08d}"
         final, tmp = self.root / name, self.root / f"{name}.tmp"
         if self.topo.is_main:

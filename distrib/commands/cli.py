@@ -251,7 +251,8 @@ def _train(args, cfg) -> int:
     quiet_other_ranks()  # before DeepSpeed is imported: its import already warns
 
     from distrib.parallel.topology import Topology
-    from distrib.train.trainer import Trainer, TrainingError
+    from distrib.errors import TrainingError
+    from distrib.train.trainer import Trainer
     from distrib.utils import setup_logging
 
     setup_logging()

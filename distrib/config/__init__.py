@@ -35,9 +35,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-
-class ConfigError(ValueError):
-    """A configuration problem, phrased as one line that names the key and the fix."""
+from distrib.errors import ConfigError  # noqa: F401 (re-exported: the schema's own error)
 
 
 # -- YAML ------------------------------------------------------------------------------------

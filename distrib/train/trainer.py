@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from distrib import faults
+from distrib.errors import TrainingError  # noqa: F401 (re-exported)
 from distrib.model.adapters import format_summary, trainable_summary
 from distrib.checkpoint.base import model_ref
 from distrib.checkpoint import Checkpointer, TrainState, latest_checkpoint
@@ -645,18 +646,6 @@ def optimizer_state_bytes(optimizer) -> int:
                 add(t)
         opt = getattr(opt, "optimizer", None)
     return sum(seen.values())
-
-
-class TrainingError(RuntimeError):
-    """A run that cannot go on, said in one line (the CLI prints it and exits 1).
-
-    Every rank raises it together, and rank 0 speaks; ``from_this_rank`` marks what only the raising
-    rank knows (which rank did not arrive at a collective), so that it speaks too.
-    """
-
-    def __init__(self, msg: str, from_this_rank: bool = False):
-        super().__init__(msg)
-        self.from_this_rank = from_this_rank
 
 
 def _grad_norm(engine) -> float:
