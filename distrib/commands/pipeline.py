@@ -45,7 +45,8 @@ from typing import Any
 
 import yaml
 
-from distrib.config import ConfigError, _parse_yaml, load_config, parse_override
+from distrib.config import ConfigError, load_config, parse_override
+from distrib.config.yaml_io import _parse_yaml
 
 #: Where the embedded default lives (the repository's configs/, beside the package).
 DEFAULT_PIPELINE = Path(__file__).resolve().parents[1] / "configs" / "pipeline" / "default.yaml"
