@@ -49,7 +49,7 @@ from distrib.config import ConfigError, load_config, parse_override
 from distrib.config.yaml_io import _parse_yaml
 
 #: Where the embedded default lives (the repository's configs/, beside the package).
-DEFAULT_PIPELINE = Path(__file__).resolve().parents[1] / "configs" / "pipeline" / "default.yaml"
+DEFAULT_PIPELINE = Path(__file__).resolve().parents[2] / "configs" / "pipeline" / "default.yaml"
 ORDER = ("pretrain", "finetune", "distill")
 _PIPELINE_KEYS = ("output_dir", "nproc_per_node", "downstream")
 _STAGE_KEYS = ("config", "overrides")
