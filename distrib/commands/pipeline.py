@@ -45,8 +45,13 @@ from typing import Any
 
 import yaml
 
+from distrib.checkpoint import latest_checkpoint, read_state
+from distrib.commands.evaluate import evaluate_model
+from distrib.commands.report import format_markdown, write_report
 from distrib.config import ConfigError, load_config, parse_override
 from distrib.config.yaml_io import _parse_yaml
+from distrib.launch.env import detect
+from distrib.lock import RunLock
 
 #: Where the embedded default lives (the repository's configs/, beside the package).
 DEFAULT_PIPELINE = Path(__file__).resolve().parents[2] / "configs" / "pipeline" / "default.yaml"
@@ -217,8 +222,6 @@ def _wire(stages: list[StagePlan], out: Path) -> None:
 
 def _finished(stage: StagePlan) -> int | None:
     """The step a finished, exported stage ended at; None when it still has work to do."""
-    from distrib.checkpoint import latest_checkpoint, read_state
-
     try:
         cfg = load_config(stage.config, stage.overrides)
         last = latest_checkpoint(stage.output_dir / "checkpoints")
@@ -232,8 +235,6 @@ def _finished(stage: StagePlan) -> int | None:
 
 def run_pipeline(p: Pipeline, say=print) -> int:
     """Run the stages in order (skipping finished ones), then write the report; returns the exit code."""
-    from distrib.lock import RunLock
-
     p.output_dir.mkdir(parents=True, exist_ok=True)
     lock = RunLock(p.output_dir).acquire()
     try:
@@ -251,13 +252,9 @@ def run_pipeline(p: Pipeline, say=print) -> int:
                     "command again: finished stages are skipped, this one resumes")
                 return code
         if p.downstream is not None:
-            from distrib.commands.evaluate import evaluate_model
-
             for stage in p.stages:  # each stage's model on the same tasks; eval.json beside its run
                 say(f"distrib run: {stage.name}: downstream evaluation (lm-eval)")
                 evaluate_model(stage.output_dir, tasks=p.downstream.get("tasks"), limit=p.downstream.get("limit"))
-        from distrib.commands.report import format_markdown, write_report
-
         summary = write_report(p.output_dir)
         say(format_markdown(summary))
         say(f"distrib run: summary in {p.output_dir / 'summary.md'} and {p.output_dir / 'summary.json'}, plots "
@@ -268,8 +265,6 @@ def run_pipeline(p: Pipeline, say=print) -> int:
 
 
 def main(path: str | None, overrides: list[str], nproc_per_node: int | None) -> int:
-    from distrib.launch.env import detect
-
     env = detect()
     if env.launcher != "none" and env.world_size > 1:
         raise ConfigError(f"distrib run starts each stage's processes itself, but this process was started by "
@@ -282,7 +277,5 @@ def main(path: str | None, overrides: list[str], nproc_per_node: int | None) -> 
     if p.output_dir.exists() and not p.output_dir.is_dir():
         raise ConfigError(f"output_dir={str(p.output_dir)!r} is a file, not a directory; set output_dir to a new or "
                           "existing pipeline directory")
-    from distrib.lock import RunLock
-
     RunLock(p.output_dir).check_free()
     return run_pipeline(p)

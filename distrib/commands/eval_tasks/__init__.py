@@ -36,6 +36,8 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from distrib.data import builtin_corpus
+
 #: The shipped task names; ``distrib`` (an lm-eval tag) runs them all.
 TASKS = ("distrib_code_ppl", "distrib_prose_ppl", "distrib_code_nextline", "distrib_instruct_response")
 TAG = "distrib"
@@ -90,8 +92,6 @@ def _key() -> str:
 
 
 def _build(tmp: Path, final: Path) -> None:
-    from distrib.data import builtin_corpus
-
     code = builtin_corpus("code")["validation"]
     rows = {
         "code_ppl": [{"text": t} for t in code],
