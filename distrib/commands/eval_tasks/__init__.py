@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import inspect
 import json
 import os
 import random
@@ -83,10 +84,10 @@ def task_dir(cache_root: str | Path | None = None) -> Path:
 
 
 def _key() -> str:
-    """What the generated files depend on: the Python (its library) and this package's sources."""
+    """What the generated files depend on: the Python (its library), this package's sources and the corpus builder's."""
     h = hashlib.sha256()
     h.update(f"{sys.version}\n{sysconfig.get_paths()['stdlib']}\n".encode())
-    for path in sorted([*_HERE.glob("*.yaml"), *_HERE.glob("*.py"), _HERE.parent / "data.py"]):
+    for path in sorted([*_HERE.glob("*.yaml"), *_HERE.glob("*.py"), Path(inspect.getsourcefile(builtin_corpus))]):
         h.update(path.name.encode() + b"\0" + path.read_bytes())
     return h.hexdigest()[:16]
 
