@@ -494,39 +494,7 @@ def _detect_slurm(environ: Mapping[str, str]) -> LaunchEnv:
         raise LaunchEnvError("SLURM_LOCALID is not set inside an srun step; start the ranks with srun")
     local_rank = local[1]
 
-    node = _int_var(environ, "SLURM_NODEID", "SLURM_STEP_NODEID")
-    tpn = _get(environ, "SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE")
-    if tpn is not None:
-        tpn_name, tpn_value = tpn
-        try:
-            counts = parse_tasks_per_node(tpn_value)
-        except ValueError:
-            raise LaunchEnvError(
-                f"{tpn_name}={tpn_value!r} is not a tasks-per-node list like '2(x3),1'; unset it or fix it"
-            ) from None
-        if node is None and len(counts) > 1:
-            raise LaunchEnvError(
-                f"SLURM_NODEID is not set but {tpn_name}={tpn_value!r} spans several nodes; start the ranks with srun"
-            )
-        node_name, node_rank = node if node else ("SLURM_NODEID", 0)
-        if node_rank >= len(counts):
-            raise LaunchEnvError(
-                f"{node_name}={node_rank} but {tpn_name}={tpn_value!r} lists only {len(counts)} node(s); "
-                "unset stale Slurm variables or start the ranks with srun"
-            )
-        local_world = counts[node_rank]
-        lsize_name = f"this node's task count (entry {node_rank} of {tpn_name}={tpn_value!r})"
-    else:
-        per_node = _int_var(environ, "SLURM_NTASKS_PER_NODE", minimum=1)
-        if per_node is None:
-            if world != 1:
-                raise LaunchEnvError(
-                    "SLURM_TASKS_PER_NODE and SLURM_NTASKS_PER_NODE are both unset inside an srun step; "
-                    "start the ranks with srun (which sets them) or export SLURM_NTASKS_PER_NODE"
-                )
-            per_node = ("SLURM_NTASKS_PER_NODE", 1)
-        lsize_name, local_world = per_node
-        node_rank = node[1] if node else rank // local_world
+    node_rank, lsize_name, local_world = _slurm_node(environ, rank, world)
     if local_world > world:
         raise LaunchEnvError(
             f"{lsize_name} is {local_world}, more than {world_name}={world}; unset stale Slurm variables"
@@ -538,35 +506,80 @@ def _detect_slurm(environ: Mapping[str, str]) -> LaunchEnv:
         )
     if node_rank >= world:
         raise LaunchEnvError(f"SLURM_NODEID={node_rank} is not below {world_name}={world}; unset stale Slurm variables")
+    master_addr = _slurm_master_addr(environ)
+    master_port = _slurm_master_port(environ)
+    return LaunchEnv("slurm", rank, local_rank, world, local_world, node_rank, master_addr, master_port)
 
+
+def _slurm_node(environ: Mapping[str, str], rank: int, world: int) -> tuple[int, str, int]:
+    """(node rank, what names the local world size in a message, local world size) of a Slurm task.
+
+    The local world size is this node's entry of ``SLURM_STEP_TASKS_PER_NODE`` (else ``SLURM_TASKS_PER_NODE``),
+    else ``SLURM_NTASKS_PER_NODE``.
+    """
+    node = _int_var(environ, "SLURM_NODEID", "SLURM_STEP_NODEID")
+    tpn = _get(environ, "SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE")
+    if tpn is None:
+        per_node = _int_var(environ, "SLURM_NTASKS_PER_NODE", minimum=1)
+        if per_node is None:
+            if world != 1:
+                raise LaunchEnvError(
+                    "SLURM_TASKS_PER_NODE and SLURM_NTASKS_PER_NODE are both unset inside an srun step; "
+                    "start the ranks with srun (which sets them) or export SLURM_NTASKS_PER_NODE"
+                )
+            per_node = ("SLURM_NTASKS_PER_NODE", 1)
+        lsize_name, local_world = per_node
+        return (node[1] if node else rank // local_world), lsize_name, local_world
+    tpn_name, tpn_value = tpn
+    try:
+        counts = parse_tasks_per_node(tpn_value)
+    except ValueError:
+        raise LaunchEnvError(
+            f"{tpn_name}={tpn_value!r} is not a tasks-per-node list like '2(x3),1'; unset it or fix it"
+        ) from None
+    if node is None and len(counts) > 1:
+        raise LaunchEnvError(
+            f"SLURM_NODEID is not set but {tpn_name}={tpn_value!r} spans several nodes; start the ranks with srun"
+        )
+    node_name, node_rank = node if node else ("SLURM_NODEID", 0)
+    if node_rank >= len(counts):
+        raise LaunchEnvError(
+            f"{node_name}={node_rank} but {tpn_name}={tpn_value!r} lists only {len(counts)} node(s); "
+            "unset stale Slurm variables or start the ranks with srun"
+        )
+    return node_rank, f"this node's task count (entry {node_rank} of {tpn_name}={tpn_value!r})", counts[node_rank]
+
+
+def _slurm_master_addr(environ: Mapping[str, str]) -> str:
+    """``MASTER_ADDR``, else the first host of the step's node list (where task 0 runs)."""
     addr = _get(environ, "MASTER_ADDR")
     if addr is not None:
-        master_addr = addr[1]
-    else:
-        nodelist = _get(environ, "SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST")
-        if nodelist is None:
-            raise LaunchEnvError(
-                "neither MASTER_ADDR nor SLURM_STEP_NODELIST/SLURM_JOB_NODELIST/SLURM_NODELIST is set; "
-                "export MASTER_ADDR=<host of task 0>"
-            )
-        try:
-            master_addr = first_host(nodelist[1])
-        except ValueError as exc:
-            raise LaunchEnvError(
-                f"{nodelist[0]}={nodelist[1]!r} is not a Slurm hostlist ({exc}); export MASTER_ADDR instead"
-            ) from None
+        return addr[1]
+    nodelist = _get(environ, "SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST")
+    if nodelist is None:
+        raise LaunchEnvError(
+            "neither MASTER_ADDR nor SLURM_STEP_NODELIST/SLURM_JOB_NODELIST/SLURM_NODELIST is set; "
+            "export MASTER_ADDR=<host of task 0>"
+        )
+    try:
+        return first_host(nodelist[1])
+    except ValueError as exc:
+        raise LaunchEnvError(
+            f"{nodelist[0]}={nodelist[1]!r} is not a Slurm hostlist ({exc}); export MASTER_ADDR instead"
+        ) from None
 
+
+def _slurm_master_port(environ: Mapping[str, str]) -> int:
+    """``MASTER_PORT``, else a port every task derives from the job id without talking to the others."""
     port = _get(environ, "MASTER_PORT")
     if port is not None:
-        master_port = _port(*port)
-    else:
-        job = _int_var(environ, "SLURM_JOB_ID", "SLURM_JOBID")
-        if job is None:
-            raise LaunchEnvError(
-                "neither MASTER_PORT nor SLURM_JOB_ID is set; export MASTER_PORT (the same free port on every task)"
-            )
-        master_port = slurm_port(job[1])
-    return LaunchEnv("slurm", rank, local_rank, world, local_world, node_rank, master_addr, master_port)
+        return _port(*port)
+    job = _int_var(environ, "SLURM_JOB_ID", "SLURM_JOBID")
+    if job is None:
+        raise LaunchEnvError(
+            "neither MASTER_PORT nor SLURM_JOB_ID is set; export MASTER_PORT (the same free port on every task)"
+        )
+    return slurm_port(job[1])
 
 
 def _detect_mpi(environ: Mapping[str, str]) -> LaunchEnv:

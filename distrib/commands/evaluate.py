@@ -30,7 +30,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from distrib.commands.eval_tasks import TAG, TASKS, task_dir
 from distrib.config import ConfigError
+from distrib.launch.env import LaunchEnvError, world_size_hint
 
 #: The file the results go to, in MODEL_DIR.
 RESULT_FILE = "eval.json"
@@ -114,8 +116,6 @@ def _check_one_process() -> None:
 
     An sbatch batch shell is one process, whatever its allocation's task count.
     """
-    from distrib.launch.env import LaunchEnvError, world_size_hint
-
     try:
         size = world_size_hint()
     except LaunchEnvError as e:
@@ -131,8 +131,6 @@ def task_manager(tasks: str | list[str] | None, cache_root: str | Path | None = 
     lm-eval's own task index (thousands of YAMLs, seconds to read) is only loaded when a requested
     name is not a shipped one.
     """
-    from distrib.commands.eval_tasks import TAG, TASKS, task_dir
-
     if isinstance(tasks, str):
         tasks = tasks.split(",")
     names = list(tasks) if tasks else list(TASKS)

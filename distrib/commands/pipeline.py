@@ -45,10 +45,16 @@ from typing import Any
 
 import yaml
 
-from distrib.config import ConfigError, _parse_yaml, load_config, parse_override
+from distrib.checkpoint import latest_checkpoint, read_state
+from distrib.commands.evaluate import evaluate_model
+from distrib.commands.report import format_markdown, write_report
+from distrib.config import ConfigError, load_config, parse_override
+from distrib.config.yaml_io import _parse_yaml
+from distrib.launch.env import detect
+from distrib.lock import RunLock
 
 #: Where the embedded default lives (the repository's configs/, beside the package).
-DEFAULT_PIPELINE = Path(__file__).resolve().parents[1] / "configs" / "pipeline" / "default.yaml"
+DEFAULT_PIPELINE = Path(__file__).resolve().parents[2] / "configs" / "pipeline" / "default.yaml"
 ORDER = ("pretrain", "finetune", "distill")
 _PIPELINE_KEYS = ("output_dir", "nproc_per_node", "downstream")
 _STAGE_KEYS = ("config", "overrides")
@@ -91,6 +97,25 @@ def load_pipeline(path: str | Path | None, overrides: list[str] = (), nproc_per_
         ConfigError: one line naming the stage and key.
     """
     path = Path(path) if path is not None else DEFAULT_PIPELINE
+    raw = _read_pipeline_file(path)
+    settings, per_stage = _split_overrides(raw, overrides)
+    if nproc_per_node is not None:
+        settings["nproc_per_node"] = nproc_per_node
+    out, nproc, downstream = _check_settings(**settings)
+    stages = [_stage_plan(name, raw[name], path, out / name, per_stage[name]) for name in ORDER if name in raw]
+    _wire(stages, out)
+    # Validate every stage now, before anything runs.
+    for stage in stages:
+        try:
+            cfg = load_config(stage.config, stage.overrides)
+            cfg.check_world(nproc)
+        except ConfigError as e:
+            raise ConfigError(f"{stage.name}: {e}") from None
+    return Pipeline(out, nproc, stages, downstream)
+
+
+def _read_pipeline_file(path: Path) -> dict:
+    """The pipeline file's mapping, refused in one line when it is missing, unreadable or names no stage."""
     if not path.is_file():
         raise ConfigError(f"pipeline file {str(path)!r} does not exist; pass a file such as configs/pipeline/default.yaml")
     try:
@@ -104,24 +129,30 @@ def load_pipeline(path: str | Path | None, overrides: list[str] = (), nproc_per_
         if key not in ORDER and key not in _PIPELINE_KEYS:
             raise ConfigError(f"{key!r} in {path} is not a stage{_suggest(str(key), (*ORDER, *_PIPELINE_KEYS))}; "
                               f"stages are {', '.join(ORDER)} (and the keys {', '.join(_PIPELINE_KEYS)})")
+    return raw
 
-    # Command-line overrides: pipeline keys, STAGE.key=value, or key=value for every stage.
+
+def _split_overrides(raw: dict, overrides: list[str]) -> tuple[dict[str, Any], dict[str, list[str]]]:
+    """The pipeline keys' values (the file's, overridden) and each stage's command-line overrides.
+
+    An override sets a pipeline key (``output_dir=``, ``nproc_per_node=``, ``downstream[.KEY]=``), one
+    stage's key (``STAGE.key=value``), or a key of every stage (any other ``key=value``).
+    """
     per_stage: dict[str, list[str]] = {name: [] for name in ORDER}
-    output_dir = raw.get("output_dir", "runs/pipeline")
-    nproc = raw.get("nproc_per_node", 1)
-    downstream = raw.get("downstream", {})
+    settings = {"output_dir": raw.get("output_dir", "runs/pipeline"), "nproc_per_node": raw.get("nproc_per_node", 1),
+                "downstream": raw.get("downstream", {})}
     for item in overrides:
         keys, value = parse_override(item)
         if keys[0] == "downstream":
             if len(keys) == 1:
-                downstream = value
+                settings["downstream"] = value
             else:
+                downstream = settings["downstream"]
                 downstream = dict(downstream) if isinstance(downstream, dict) else {}
                 downstream[".".join(keys[1:])] = value
-        elif keys[0] == "output_dir" and len(keys) == 1:
-            output_dir = value
-        elif keys[0] == "nproc_per_node" and len(keys) == 1:
-            nproc = value
+                settings["downstream"] = downstream
+        elif keys[0] in ("output_dir", "nproc_per_node") and len(keys) == 1:
+            settings[keys[0]] = value
         elif keys[0] in ORDER and len(keys) > 1:
             if keys[0] not in raw:
                 raise ConfigError(f"{item!r} overrides the {keys[0]} stage, which this pipeline does not run; "
@@ -133,13 +164,16 @@ def load_pipeline(path: str | Path | None, overrides: list[str] = (), nproc_per_
         else:
             for name in ORDER:
                 per_stage[name].append(item)
-    if nproc_per_node is not None:
-        nproc = nproc_per_node
+    return settings, per_stage
+
+
+def _check_settings(output_dir: Any, nproc_per_node: Any, downstream: Any) -> tuple[Path, int, dict | None]:
+    """The pipeline keys checked: (output directory, processes per stage, downstream settings or None)."""
+    nproc = nproc_per_node
     if not isinstance(nproc, int) or isinstance(nproc, bool) or nproc < 1:
         raise ConfigError(f"nproc_per_node={nproc!r} must be a whole number >= 1 (processes per stage on this machine)")
     if not isinstance(output_dir, str) or not output_dir:
         raise ConfigError(f"output_dir={output_dir!r} must be a directory path")
-    out = Path(output_dir)
     if downstream is True or downstream is None:
         downstream = {}
     if downstream is False:
@@ -147,33 +181,32 @@ def load_pipeline(path: str | Path | None, overrides: list[str] = (), nproc_per_
     if downstream is not None and (not isinstance(downstream, dict) or set(downstream) - {"tasks", "limit"}):
         raise ConfigError(f"downstream={downstream!r} must be false (no evaluation) or a mapping with tasks (lm-eval "
                           "task names) and limit (items per task), e.g. downstream.limit=100")
+    return Path(output_dir), nproc, downstream
 
-    stages: list[StagePlan] = []
-    for name in ORDER:
-        if name not in raw:
-            continue
-        spec = raw[name]
-        if not isinstance(spec, dict) or "config" not in spec:
-            raise ConfigError(f"{name}: no config; give the stage's YAML, e.g. '{name}: {{config: ../{name}/tiny.yaml}}'")
-        for key in spec:
-            if key not in _STAGE_KEYS:
-                raise ConfigError(f"{name}.{key} is not a stage setting{_suggest(str(key), _STAGE_KEYS)}; a stage has "
-                                  "config (its YAML) and overrides (a mapping of dotted keys to values)")
-        config = Path(str(spec["config"])).expanduser()
-        if not config.is_absolute():
-            config = path.parent / config
-        if not config.is_file():
-            raise ConfigError(f"{name}.config={str(spec['config'])!r} does not exist (looked for {config}; relative "
-                              "paths are relative to the pipeline file)")
-        extra = spec.get("overrides") or {}
-        if not isinstance(extra, dict):
-            raise ConfigError(f"{name}.overrides must be a mapping of dotted keys to values, e.g. "
-                              "{train.max_steps: 50}")
-        stage = StagePlan(name, config, [_as_override(k, v) for k, v in extra.items()] + per_stage[name],
-                          out / name)
-        stages.append(stage)
 
-    # Wiring: each stage's output feeds the next, unless the stage says otherwise.
+def _stage_plan(name: str, spec: Any, path: Path, output_dir: Path, overrides: list[str]) -> StagePlan:
+    """One stage of the pipeline file (``spec``, its config relative to ``path``), with the command line's overrides."""
+    if not isinstance(spec, dict) or "config" not in spec:
+        raise ConfigError(f"{name}: no config; give the stage's YAML, e.g. '{name}: {{config: ../{name}/tiny.yaml}}'")
+    for key in spec:
+        if key not in _STAGE_KEYS:
+            raise ConfigError(f"{name}.{key} is not a stage setting{_suggest(str(key), _STAGE_KEYS)}; a stage has "
+                              "config (its YAML) and overrides (a mapping of dotted keys to values)")
+    config = Path(str(spec["config"])).expanduser()
+    if not config.is_absolute():
+        config = path.parent / config
+    if not config.is_file():
+        raise ConfigError(f"{name}.config={str(spec['config'])!r} does not exist (looked for {config}; relative "
+                          "paths are relative to the pipeline file)")
+    extra = spec.get("overrides") or {}
+    if not isinstance(extra, dict):
+        raise ConfigError(f"{name}.overrides must be a mapping of dotted keys to values, e.g. "
+                          "{train.max_steps: 50}")
+    return StagePlan(name, config, [_as_override(k, v) for k, v in extra.items()] + overrides, output_dir)
+
+
+def _wire(stages: list[StagePlan], out: Path) -> None:
+    """Each stage's output feeds the next, unless the stage says otherwise (its own ``init_from`` or ``teacher``)."""
     names = [s.name for s in stages]
     for stage in stages:
         wiring = [f"output_dir={stage.output_dir}"]
@@ -186,20 +219,9 @@ def load_pipeline(path: str | Path | None, overrides: list[str] = (), nproc_per_
                 wiring.append(f"teacher={out / feeder}")
         stage.overrides = stage.overrides + wiring
 
-    # Validate every stage now, before anything runs.
-    for stage in stages:
-        try:
-            cfg = load_config(stage.config, stage.overrides)
-            cfg.check_world(nproc)
-        except ConfigError as e:
-            raise ConfigError(f"{stage.name}: {e}") from None
-    return Pipeline(out, nproc, stages, downstream)
-
 
 def _finished(stage: StagePlan) -> int | None:
     """The step a finished, exported stage ended at; None when it still has work to do."""
-    from distrib.checkpoint import latest_checkpoint, read_state
-
     try:
         cfg = load_config(stage.config, stage.overrides)
         last = latest_checkpoint(stage.output_dir / "checkpoints")
@@ -213,8 +235,6 @@ def _finished(stage: StagePlan) -> int | None:
 
 def run_pipeline(p: Pipeline, say=print) -> int:
     """Run the stages in order (skipping finished ones), then write the report; returns the exit code."""
-    from distrib.lock import RunLock
-
     p.output_dir.mkdir(parents=True, exist_ok=True)
     lock = RunLock(p.output_dir).acquire()
     try:
@@ -232,13 +252,9 @@ def run_pipeline(p: Pipeline, say=print) -> int:
                     "command again: finished stages are skipped, this one resumes")
                 return code
         if p.downstream is not None:
-            from distrib.commands.evaluate import evaluate_model
-
             for stage in p.stages:  # each stage's model on the same tasks; eval.json beside its run
                 say(f"distrib run: {stage.name}: downstream evaluation (lm-eval)")
                 evaluate_model(stage.output_dir, tasks=p.downstream.get("tasks"), limit=p.downstream.get("limit"))
-        from distrib.commands.report import format_markdown, write_report
-
         summary = write_report(p.output_dir)
         say(format_markdown(summary))
         say(f"distrib run: summary in {p.output_dir / 'summary.md'} and {p.output_dir / 'summary.json'}, plots "
@@ -249,8 +265,6 @@ def run_pipeline(p: Pipeline, say=print) -> int:
 
 
 def main(path: str | None, overrides: list[str], nproc_per_node: int | None) -> int:
-    from distrib.launch.env import detect
-
     env = detect()
     if env.launcher != "none" and env.world_size > 1:
         raise ConfigError(f"distrib run starts each stage's processes itself, but this process was started by "
@@ -263,7 +277,5 @@ def main(path: str | None, overrides: list[str], nproc_per_node: int | None) -> 
     if p.output_dir.exists() and not p.output_dir.is_dir():
         raise ConfigError(f"output_dir={str(p.output_dir)!r} is a file, not a directory; set output_dir to a new or "
                           "existing pipeline directory")
-    from distrib.lock import RunLock
-
     RunLock(p.output_dir).check_free()
     return run_pipeline(p)

@@ -74,9 +74,13 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from distrib.config import Config, ConfigError
 from distrib.model import empty_model, hf_config
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 GIB = 2**30
 
@@ -267,30 +271,11 @@ def plan(cfg: Config, world_size: int, gpus_per_node: int = 8, gpu_memory_gib: f
         ConfigError: the config does not work on ``world_size`` ranks, or ``model.vocab_size`` is unset
             and ``data.tokenizer`` cannot be read.
     """
-    if world_size < 1:
-        raise ConfigError(f"--world-size must be at least 1 (got {world_size})")
-    if gpus_per_node < 1:
-        raise ConfigError(f"--gpus-per-node must be at least 1 (got {gpus_per_node})")
-    if gpu_memory_gib <= 0:
-        raise ConfigError(f"--gpu-memory-gib must be positive (got {gpu_memory_gib})")
-    teacher_cfg = None
-    if cfg.teacher:
-        teacher_dir = _hf_dir(cfg.teacher)
-        if teacher_dir is None:
-            raise ConfigError(f"teacher={cfg.teacher!r} has no config.json (nor hf/config.json); plan reads the "
-                              "teacher's architecture from a Hugging Face directory or a run directory with an export")
-        from transformers import AutoConfig
-
-        teacher_cfg = AutoConfig.from_pretrained(teacher_dir)
-        cfg = cfg.model_copy(update={"teacher": str(teacher_dir)})
+    _check_layout(world_size, gpus_per_node, gpu_memory_gib)
+    cfg, teacher_cfg = _with_teacher(cfg)
     cfg = _with_init_from(cfg)
     cfg.check_world(world_size)
-    if teacher_cfg is not None and cfg.student.init_from_teacher_layers is not None:
-        hf_cfg = copy.deepcopy(teacher_cfg)  # a student cut from the teacher: its architecture, fewer layers
-        hf_cfg.num_hidden_layers = len(cfg.student.init_from_teacher_layers)
-    else:
-        hf_cfg = hf_config(cfg.model, vocab_size=tokenizer_vocab_size(cfg) if teacher_cfg is None
-                           else teacher_cfg.vocab_size, seq_len=cfg.data.seq_len)
+    hf_cfg = _student_hf_config(cfg, teacher_cfg)
     n_params, largest = _model_sizes(hf_cfg)
     hidden = _dim(hf_cfg, "hidden_size", "n_embd")
     layers = _dim(hf_cfg, "num_hidden_layers", "n_layer")
@@ -298,15 +283,88 @@ def plan(cfg: Config, world_size: int, gpus_per_node: int = 8, gpu_memory_gib: f
     vocab = _dim(hf_cfg, "vocab_size")
 
     par = cfg.parallel
-    tp, stage = par.tp, par.zero_stage
     dp = cfg.dp_size(world_size)
+    w, grad_w = _dtype_bytes(cfg)
+    gpu, cpu = _model_states(cfg, n_params, largest, dp, w, grad_w)
+    gpu.activations = activation_bytes(
+        seq_len=cfg.data.seq_len, micro_batch=cfg.train.micro_batch_size, hidden=hidden, heads=heads,
+        layers=layers, vocab=vocab, tp=par.tp, checkpointing=cfg.model.activation_checkpointing, dtype_bytes=w,
+    )
+    teacher_params = 0
+    if teacher_cfg is not None:
+        teacher_params = _add_teacher(gpu, cpu, cfg, teacher_cfg, dp, w)
+
+    overhead = OVERHEAD_FRACTION * gpu_memory_gib * GIB
+    fits = gpu.total + overhead <= gpu_memory_gib * GIB
+    per_param = _bytes_per_param(par.zero_stage, w, grad_w)
+    notes = _notes(cfg, w, grad_w, per_param, teacher_params, distilling=teacher_cfg is not None)
+
+    return Plan(
+        arch=cfg.model.arch if cfg.model.pretrained is None else type(hf_cfg).__name__,
+        n_params=n_params, largest_layer_params=largest, hidden_size=hidden, num_layers=layers,
+        num_heads=heads, vocab_size=vocab, world_size=world_size, gpus_per_node=gpus_per_node,
+        num_nodes=-(-world_size // gpus_per_node), tp=par.tp, dp=dp, zero_stage=par.zero_stage,
+        precision=cfg.precision, offload_optimizer=par.offload_optimizer, offload_params=par.offload_params,
+        activation_checkpointing=cfg.model.activation_checkpointing, seq_len=cfg.data.seq_len,
+        micro_batch_size=cfg.train.micro_batch_size, global_batch_size=cfg.train.global_batch_size,
+        global_batch_tokens=cfg.train.global_batch_size * cfg.data.seq_len,
+        grad_accum_steps=cfg.grad_accum_steps(world_size), gpu=gpu, cpu=cpu, gpu_memory_gib=gpu_memory_gib,
+        overhead_bytes=overhead, fits=fits, bytes_per_param=per_param, notes=notes, teacher_params=teacher_params,
+    )
+
+
+def _check_layout(world_size: int, gpus_per_node: int, gpu_memory_gib: float) -> None:
+    """Refuse command-line sizes no cluster has."""
+    if world_size < 1:
+        raise ConfigError(f"--world-size must be at least 1 (got {world_size})")
+    if gpus_per_node < 1:
+        raise ConfigError(f"--gpus-per-node must be at least 1 (got {gpus_per_node})")
+    if gpu_memory_gib <= 0:
+        raise ConfigError(f"--gpu-memory-gib must be positive (got {gpu_memory_gib})")
+
+
+def _with_teacher(cfg: Config) -> tuple[Config, PretrainedConfig | None]:
+    """``cfg`` with ``teacher`` resolved to its Hugging Face directory, and the teacher's architecture (None: no teacher)."""
+    if not cfg.teacher:
+        return cfg, None
+    teacher_dir = _hf_dir(cfg.teacher)
+    if teacher_dir is None:
+        raise ConfigError(f"teacher={cfg.teacher!r} has no config.json (nor hf/config.json); plan reads the "
+                          "teacher's architecture from a Hugging Face directory or a run directory with an export")
+    from transformers import AutoConfig
+
+    teacher_cfg = AutoConfig.from_pretrained(teacher_dir)
+    return cfg.model_copy(update={"teacher": str(teacher_dir)}), teacher_cfg
+
+
+def _student_hf_config(cfg: Config, teacher_cfg: PretrainedConfig | None) -> PretrainedConfig:
+    """The architecture the run trains: the model section's, or a student cut from the teacher."""
+    if teacher_cfg is not None and cfg.student.init_from_teacher_layers is not None:
+        hf_cfg = copy.deepcopy(teacher_cfg)  # a student cut from the teacher: its architecture, fewer layers
+        hf_cfg.num_hidden_layers = len(cfg.student.init_from_teacher_layers)
+        return hf_cfg
+    vocab_size = tokenizer_vocab_size(cfg) if teacher_cfg is None else teacher_cfg.vocab_size
+    return hf_config(cfg.model, vocab_size=vocab_size, seq_len=cfg.data.seq_len)
+
+
+def _dtype_bytes(cfg: Config) -> tuple[int, int]:
+    """(bytes of a training-dtype weight, bytes of an accumulated gradient element)."""
     w = 4 if cfg.precision == "fp32" else 2
+    # DeepSpeed accumulates gradients in the model dtype unless data_types.grad_accum_dtype says otherwise.
+    accum = str((cfg.deepspeed.get("data_types") or {}).get("grad_accum_dtype") or "").lower()
+    return w, 4 if accum in ("fp32", "float32", "float") else w
+
+
+def _model_states(cfg: Config, n_params: int, largest: int, dp: int, w: int, grad_w: int) -> tuple[Memory, Memory]:
+    """(GPU, CPU) bytes one rank holds of the trained model's weights, gradients and optimizer state.
+
+    The table of this module's docstring, placed on the GPU or, with offload, on the CPU.
+    """
+    par = cfg.parallel
+    tp, stage = par.tp, par.zero_stage
     mixed = w == 2
     zero_cfg = cfg.deepspeed.get("zero_optimization") or {}
     sub_group = float(zero_cfg.get("sub_group_size") or DEFAULT_SUB_GROUP_SIZE)
-    # DeepSpeed accumulates gradients in the model dtype unless data_types.grad_accum_dtype says otherwise.
-    accum = str((cfg.deepspeed.get("data_types") or {}).get("grad_accum_dtype") or "").lower()
-    grad_w = 4 if accum in ("fp32", "float32", "float") else w
 
     p_t = n_params / tp  # parameters one tp rank owns (everything treated as tp-sharded)
     shard = p_t / dp
@@ -344,35 +402,41 @@ def plan(cfg: Config, world_size: int, gpus_per_node: int = 8, gpu_memory_gib: f
     else:
         gpu.optimizer = master_b + adam_b
         gpu.grads = grad_lp_b + fp32_grad_b
+    return gpu, cpu
 
-    gpu.activations = activation_bytes(
-        seq_len=cfg.data.seq_len, micro_batch=cfg.train.micro_batch_size, hidden=hidden, heads=heads,
-        layers=layers, vocab=vocab, tp=tp, checkpointing=cfg.model.activation_checkpointing, dtype_bytes=w,
-    )
 
-    teacher_params = 0
-    if teacher_cfg is not None:
-        # Weights only, in the training precision: no gradients, no optimizer state; split by tp and,
-        # under ZeRO-3, partitioned over dp like the student (plus its largest layer while gathered).
-        teacher_params, teacher_largest = _model_sizes(teacher_cfg)
-        frozen = w * teacher_params / tp / (dp if stage == 3 else 1)
-        if par.offload_params:
-            cpu.frozen = frozen
-        else:
-            gpu.frozen = frozen
-        if stage == 3:
-            gpu.gathered += w * teacher_largest / tp
+def _add_teacher(gpu: Memory, cpu: Memory, cfg: Config, teacher_cfg: PretrainedConfig, dp: int, w: int) -> int:
+    """Add a distillation teacher's frozen weights to ``gpu`` or ``cpu``; returns its parameter count."""
+    par = cfg.parallel
+    # Weights only, in the training precision: no gradients, no optimizer state; split by tp and,
+    # under ZeRO-3, partitioned over dp like the student (plus its largest layer while gathered).
+    teacher_params, teacher_largest = _model_sizes(teacher_cfg)
+    frozen = w * teacher_params / par.tp / (dp if par.zero_stage == 3 else 1)
+    if par.offload_params:
+        cpu.frozen = frozen
+    else:
+        gpu.frozen = frozen
+    if par.zero_stage == 3:
+        gpu.gathered += w * teacher_largest / par.tp
+    return teacher_params
 
-    overhead = OVERHEAD_FRACTION * gpu_memory_gib * GIB
-    fits = gpu.total + overhead <= gpu_memory_gib * GIB
 
-    per_param = {
+def _bytes_per_param(stage: int, w: int, grad_w: int) -> dict[str, float]:
+    """Bytes per parameter of each model state before sharding (the table of this module's docstring)."""
+    mixed = w == 2
+    return {
         "params": float(w),
         "grads": float(grad_w),
         "fp32_grads": 4.0 if (stage >= 1 or mixed) else 0.0,
         "master": 4.0 if (stage >= 1 or mixed) else 0.0,
         "adam": 8.0,
     }
+
+
+def _notes(cfg: Config, w: int, grad_w: int, per_param: dict[str, float], teacher_params: int,
+           distilling: bool) -> list[str]:
+    """The assumptions behind the figures, one line each, as the report lists them."""
+    stage = cfg.parallel.zero_stage
     notes = [
         f"model states: {cfg.precision} weights {w} B, grads {grad_w} B + fp32 grad partition {per_param['fp32_grads']:.0f} B, "
         f"fp32 master {per_param['master']:.0f} B + Adam m,v 8 B per parameter (DeepSpeed accounting); "
@@ -385,23 +449,11 @@ def plan(cfg: Config, world_size: int, gpus_per_node: int = 8, gpu_memory_gib: f
     ]
     if stage == 3:
         notes.insert(1, "ZeRO-3 adds 4 B x largest layer for the gathered weights and grads (as DeepSpeed's estimator)")
-    if teacher_cfg is not None:
+    if distilling:
         notes.insert(1, f"teacher: {_count(teacher_params)} frozen parameters, weights only ({w} B each), split by tp"
                         + (" and partitioned over dp (ZeRO-3)" if stage == 3 else ", whole on every dp rank")
                         + "; its forward activations are freed layer by layer (no backward)")
-
-    return Plan(
-        arch=cfg.model.arch if cfg.model.pretrained is None else type(hf_cfg).__name__,
-        n_params=n_params, largest_layer_params=largest, hidden_size=hidden, num_layers=layers,
-        num_heads=heads, vocab_size=vocab, world_size=world_size, gpus_per_node=gpus_per_node,
-        num_nodes=-(-world_size // gpus_per_node), tp=tp, dp=dp, zero_stage=stage, precision=cfg.precision,
-        offload_optimizer=par.offload_optimizer, offload_params=par.offload_params,
-        activation_checkpointing=cfg.model.activation_checkpointing, seq_len=cfg.data.seq_len,
-        micro_batch_size=cfg.train.micro_batch_size, global_batch_size=cfg.train.global_batch_size,
-        global_batch_tokens=cfg.train.global_batch_size * cfg.data.seq_len,
-        grad_accum_steps=cfg.grad_accum_steps(world_size), gpu=gpu, cpu=cpu, gpu_memory_gib=gpu_memory_gib,
-        overhead_bytes=overhead, fits=fits, bytes_per_param=per_param, notes=notes, teacher_params=teacher_params,
-    )
+    return notes
 
 
 def _hf_dir(value: str) -> Path | None:

@@ -24,7 +24,10 @@ from typing import Any
 
 import yaml
 
+from distrib.checkpoint import latest_checkpoint
+from distrib.commands import generate
 from distrib.config import ConfigError
+from distrib.train.metrics import read_rows
 
 #: Stage directories of a pipeline, in the order they run.
 STAGE_ORDER = ("pretrain", "finetune", "distill")
@@ -81,8 +84,6 @@ def _stage_of(run: Path) -> str:
 
 def read_metrics(run: Path) -> list[dict]:
     """The rows of ``run/metrics.jsonl`` that parse (a run killed mid-write tears its last line)."""
-    from distrib.train.metrics import read_rows
-
     return [row for _, row in read_rows(run / "metrics.jsonl")]
 
 
@@ -123,8 +124,6 @@ def _layout(run: Path) -> dict:
 
 
 def _latest_checkpoint(run: Path) -> str | None:
-    from distrib.checkpoint import latest_checkpoint
-
     try:
         path = latest_checkpoint(run / "checkpoints")
     except ConfigError:  # latest names a checkpoint that is gone: there is none to point at
@@ -177,20 +176,16 @@ def _teacher_path(cfg: dict) -> str | None:
 def _teacher_dir(path: str, run: Path) -> Path | None:
     """The teacher's HF directory: ``path`` itself or ``path/hf`` (as given, or relative to the run's parent),
     else ``run/teacher``, where a distillation run exports a teacher given as a checkpoint."""
-    from distrib.commands.generate import hf_dir_of
-
     for base in (Path(path).expanduser(), run.parent / path, run / "teacher"):
-        found = hf_dir_of(base)
+        found = generate.hf_dir_of(base)
         if found is not None:
             return found
     return None
 
 
 def _speed(model_dir: Path) -> float | None:
-    from distrib.commands.generate import generation_speed
-
     try:
-        return generation_speed(model_dir)
+        return generate.generation_speed(model_dir)
     except Exception:  # a model that does not load or run has no speed; the rest of the report stands
         return None
 

@@ -57,9 +57,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distrib.config import (  # noqa: F401 (the distillation config lives with the others; re-exported)
+from distrib.config.distill import (  # noqa: F401 (the distillation config lives with the others; re-exported)
     COMPONENTS,
-    ConfigError,
     DistillConfig,
     DistillLossConfig,
     StudentConfig,
@@ -67,6 +66,7 @@ from distrib.config import (  # noqa: F401 (the distillation config lives with t
     _check_teacher_layers,
     _show_pair,
 )
+from distrib.errors import ConfigError
 from distrib.train.trainer import IGNORE_INDEX, LossOut
 
 #: The attribute of the student that holds the projections while it trains; the export drops it.

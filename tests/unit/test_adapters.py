@@ -22,7 +22,8 @@ from distrib.model.adapters import (
     save_adapter,
     trainable_summary,
 )
-from distrib.config import ConfigError, _describe
+from distrib.config import ConfigError
+from distrib.config.load import _describe
 
 hf_logging.set_verbosity_error()  # GPT-2's default bos/eos ids lie outside the tiny vocabulary
 pytestmark = [

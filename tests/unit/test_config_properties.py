@@ -20,7 +20,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from distrib.config import DEEPSPEED_OWNED, Config, ConfigError, _section_model, load_config, parse_override
+from distrib.config import DEEPSPEED_OWNED, Config, ConfigError, load_config, parse_override
+from distrib.config.load import _section_model
 from tests.conftest import ROOT
 
 TINY = ROOT / "configs/pretrain/tiny.yaml"

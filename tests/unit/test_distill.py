@@ -12,7 +12,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import logging as hf_logging
 
-from distrib.config import ConfigError, _describe
+from distrib.config import ConfigError
+from distrib.config.load import _describe
 from distrib.train.distill import (
     DistillConfig,
     DistillLossConfig,

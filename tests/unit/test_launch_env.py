@@ -492,7 +492,7 @@ def test_export_writes_env_vars_that_detect_reads_back_unchanged(monkeypatch, en
 
 
 def test_package_reexports_the_api():
-    import distrib.launch
+    import distrib.launch as launch
 
     assert launch.detect is detect and launch.LaunchEnv is LaunchEnv
     assert launch.LaunchEnvError is LaunchEnvError and launch.world_size_hint is world_size_hint

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import inspect
 import json
 import os
 import random
@@ -35,6 +36,8 @@ import tempfile
 from pathlib import Path
 
 from filelock import FileLock
+
+from distrib.data import builtin_corpus
 
 #: The shipped task names; ``distrib`` (an lm-eval tag) runs them all.
 TASKS = ("distrib_code_ppl", "distrib_prose_ppl", "distrib_code_nextline", "distrib_instruct_response")
@@ -81,17 +84,15 @@ def task_dir(cache_root: str | Path | None = None) -> Path:
 
 
 def _key() -> str:
-    """What the generated files depend on: the Python (its library) and this package's sources."""
+    """What the generated files depend on: the Python (its library), this package's sources and the corpus builder's."""
     h = hashlib.sha256()
     h.update(f"{sys.version}\n{sysconfig.get_paths()['stdlib']}\n".encode())
-    for path in sorted([*_HERE.glob("*.yaml"), *_HERE.glob("*.py"), _HERE.parent / "data.py"]):
+    for path in sorted([*_HERE.glob("*.yaml"), *_HERE.glob("*.py"), Path(inspect.getsourcefile(builtin_corpus))]):
         h.update(path.name.encode() + b"\0" + path.read_bytes())
     return h.hexdigest()[:16]
 
 
 def _build(tmp: Path, final: Path) -> None:
-    from distrib.data import builtin_corpus
-
     code = builtin_corpus("code")["validation"]
     rows = {
         "code_ppl": [{"text": t} for t in code],
