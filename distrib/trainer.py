@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from distrib import faults
 from distrib.adapters import format_summary, trainable_summary
-from distrib.base import model_ref
+from distrib.base import check_base, model_refs
 from distrib.checkpoint import Checkpointer, TrainState, latest_checkpoint
 from distrib.config import Config
 from distrib.data import IGNORE_INDEX, GlobalBatchSampler, collate, prepare_data  # noqa: F401 (re-exported)
@@ -112,6 +112,11 @@ class Trainer:
             cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"attn_implementation": attention})})
         self.cfg, self.topo, self.stage = cfg, topo, stage
         self.out = Path(cfg.output_dir)
+        # The base's and the teacher's hashes read every weight file (unless their stamp cache is valid): rank 0
+        # computes them, once for all ranks; a resume onto changed ones is refused before anything is written.
+        refs = topo.from_main(lambda: model_refs(cfg))
+        if resume_from is not None:
+            check_base(cfg, resume_from, refs)
         self.started = time.monotonic()
         self.stop = stop or StopRequest()
         if cfg.train.keep_host_memory and topo.device.type == "cpu":
@@ -165,8 +170,7 @@ class Trainer:
 
         self.state = TrainState(world_size=topo.world_size, dp=topo.dp, tp=topo.tp, zero_stage=cfg.parallel.zero_stage,
                                 config_hash=cfg.identity_hash(), max_steps=cfg.train.max_steps,
-                                base=model_ref(Path(cfg.model.pretrained)) if cfg.init_from else None,
-                                teacher=model_ref(Path(cfg.teacher)) if cfg.teacher else None)
+                                base=refs["base"], teacher=refs["teacher"])
         # What is frozen comes from the base again at every start; checkpoints hold what trains.
         self.ckpt.exclude_frozen = self.trainable["trainable"] < self.trainable["total"]
         self.ckpt.engine_state = self.trains
