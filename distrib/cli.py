@@ -257,7 +257,7 @@ def _train(args, cfg) -> int:
     from distrib.utils import setup_logging
 
     setup_logging()
-    topo = Topology.init(tp=cfg.parallel.tp, timeout_minutes=cfg.parallel.timeout_minutes)
+    topo = Topology.init(tp=cfg.parallel.tp, timeout_minutes=cfg.parallel.timeout_minutes, run_dir=cfg.output_dir)
     lock = None
     try:
         # Under srun or mpirun every process is a worker: rank 0 takes the lock, and all ranks learn

@@ -31,7 +31,7 @@ from distrib.model import (count_parameters, deferred_weights, flops_per_token, 
                            matmul_shape)
 from distrib.parallelize import build_engine, deepspeed_config, torch_dtype
 from distrib.tensor_parallel import apply_plan, materialize_shards
-from distrib.topology import Topology
+from distrib.topology import Topology, collective_timed_out
 from distrib.utils import StopRequest, keep_freed_host_memory, log_main
 
 @dataclass
@@ -485,8 +485,8 @@ class Trainer:
         """
         try:
             return self._fit()
-        except (RuntimeError, dist.DistBackendError) as e:
-            if "timed out" not in str(e).lower() and "timeout" not in str(e).lower():
+        except RuntimeError as e:  # torch.distributed's errors are RuntimeErrors too
+            if not collective_timed_out(e):
                 raise
             raise TrainingError(self.topo.who_is_late(), from_this_rank=True) from None
 
