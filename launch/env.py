@@ -63,6 +63,9 @@ Launchers are tried in this order (the first that matches wins):
 
 An inconsistent environment raises :class:`LaunchEnvError` with one line that names the
 variable and the fix.
+
+:func:`nccl_env` is the rest of what torch reads from the environment when a process group is
+made: how NCCL's watchdog ends a collective that timed out, and where its flight recorder dumps.
 """
 
 from __future__ import annotations
@@ -85,6 +88,9 @@ __all__ = [
     "first_host",
     "parse_tasks_per_node",
     "slurm_port",
+    "nccl_env",
+    "NCCL_ASYNC_ERROR_HANDLING",
+    "FLIGHT_RECORDER_DIR",
 ]
 
 LAUNCHERS = ("torchrun", "slurm", "mpi", "none")
@@ -701,3 +707,44 @@ def world_size_hint(environ: Mapping[str, str] = os.environ) -> int | None:
         found = _int_var(environ, family[1], minimum=1) if family[1] else None
         return found[1] if found else None
     return None
+
+
+# --------------------------------------------------------------------------- NCCL
+
+#: ``TORCH_NCCL_ASYNC_ERROR_HANDLING`` for NCCL runs: 2 (CleanUpOnly). When a collective times out, NCCL's
+#: watchdog aborts the communicators and leaves the process alive, so the waiting rank's next collective
+#: raises ("NCCL communicator was aborted ...") and the loop names the rank that did not arrive. torch's
+#: default, 3, and torchrun's, 1, end the process with SIGABRT before Python sees anything.
+NCCL_ASYNC_ERROR_HANDLING = "2"
+#: Where, under a run's output directory, torch's flight recorder writes one dump per rank (``rank_<R>``).
+FLIGHT_RECORDER_DIR = "flight_recorder"
+
+
+def nccl_env(run_dir: str | os.PathLike | None, environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """The variables a NCCL process group is made with, so that a hung rank ends the job naming it.
+
+    Set before the process group exists (torch reads them when it makes one): the error handling above;
+    a dump of the flight recorder (the last collectives of every rank, ``torchfrtrace`` reads them) on a
+    timeout; its ring-buffer size; and, with ``run_dir``, its files under ``<run_dir>/flight_recorder/``.
+    torch 2.13 reads the recorder's size as ``TORCH_FR_BUFFER_SIZE`` and its files' prefix as
+    ``TORCH_FR_DUMP_TEMP_FILE``, and still accepts their older names (``TORCH_NCCL_TRACE_BUFFER_SIZE``,
+    ``TORCH_NCCL_DEBUG_INFO_TEMP_FILE``) with a deprecation warning: the new names are set.
+
+    Args:
+        run_dir: the run's output directory, or None to leave the dumps where torch puts them.
+        environ: the environment as it is; a variable set there (under either name) is the user's choice
+            and is left out.
+
+    Returns:
+        The variables to add to the environment (only those not set).
+    """
+    wanted = [
+        (("TORCH_NCCL_ASYNC_ERROR_HANDLING", "NCCL_ASYNC_ERROR_HANDLING"), NCCL_ASYNC_ERROR_HANDLING),
+        (("TORCH_NCCL_DUMP_ON_TIMEOUT",), "1"),
+        # the recorder's ring of recent collectives: torch 2.13's default size, stated, as a dump needs one
+        (("TORCH_FR_BUFFER_SIZE", "TORCH_NCCL_TRACE_BUFFER_SIZE"), "2000"),
+    ]
+    if run_dir is not None:
+        prefix = os.path.join(os.path.abspath(run_dir), FLIGHT_RECORDER_DIR, "rank_")
+        wanted.append((("TORCH_FR_DUMP_TEMP_FILE", "TORCH_NCCL_DEBUG_INFO_TEMP_FILE"), prefix))
+    return {names[0]: value for names, value in wanted if not any(n in environ for n in names)}

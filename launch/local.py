@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import sys
 
+from distrib.launch.env import FLIGHT_RECORDER_DIR, NCCL_ASYNC_ERROR_HANDLING
+
 #: Signals the agent forwards to its workers; SIGUSR1 is Slurm's usual pre-preemption warning.
 FORWARDED_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 
@@ -41,9 +43,27 @@ def run_local(worker_argv: list[str], **kwargs) -> int:
     # torchrun). Rank 0 then hosts a fresh store per attempt, as before torch 2.5. Every node of a job
     # must agree on this, hence unconditional; an explicit value in the environment wins.
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    # The agent gives the workers TORCH_NCCL_ASYNC_ERROR_HANDLING=1 unless it has a value itself: 1 ends a rank
+    # whose collective timed out with SIGABRT, before its loop can name the rank that did not arrive.
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", NCCL_ASYNC_ERROR_HANDLING)
     try:
         run(get_args_parser().parse_args(torchrun_args(worker_argv, **kwargs)))
     except ChildFailedError as e:
-        print(f"distrib: a worker failed: {e.get_first_failure()[1].message}", file=sys.stderr)
+        print(f"distrib: a worker failed: {failure_line(*e.get_first_failure())}", file=sys.stderr)
         return 1
     return 0
+
+
+def failure_line(rank: int, failure) -> str:
+    """What the agent's record of the first failed worker (a ``ProcessFailure``) says, naming the rank.
+
+    A worker ended by SIGABRT was most often ended by NCCL's watchdog after a collective timed out (or
+    an NCCL error) without its loop seeing it: the line says so, and where the flight recorder's dumps
+    show which rank did not arrive.
+    """
+    if failure.signal_name() == "SIGABRT":
+        return (f"rank {rank} (pid {failure.pid}) was aborted (SIGABRT), as NCCL's watchdog ends a rank whose "
+                f"collective timed out; the dumps in the run's {FLIGHT_RECORDER_DIR}/ show which rank did not arrive "
+                f"(torchfrtrace <output_dir>/{FLIGHT_RECORDER_DIR} -p rank_), and that rank's log where it stopped")
+    return f"rank {rank}: {failure.message}"
+

@@ -7,7 +7,8 @@ resume always re-attaches the same weights. Starting from a base is weights only
 no data position (that is resume's job).
 
 A fine-tune's checkpoints hold only what trains; they record the base's path and a content hash, and
-a resume whose base no longer has that hash is refused in one line.
+a resume whose base no longer has that hash is refused in one line. The hash reads every weight file, so
+a job computes it on one rank (:func:`model_refs` under ``Topology.from_main``) and a process at most once.
 """
 
 from __future__ import annotations
@@ -109,18 +110,28 @@ def with_base(cfg: Config, base: Path | None) -> Config:
     return cfg.model_copy(update={"data": data, "model": model})
 
 
+#: What this process has hashed: {directory: (stamps, sha256)}, for a read-only directory (no stamp cache
+#: beside the files) whose hash two steps of one process need (the resume check, then the Trainer).
+_hashed: dict[Path, tuple[list, str]] = {}
+
+
 def base_hash(base: Path) -> str:
     """sha256 over the files that define the model, cached beside them by size and mtime.
 
     The cache (``.distrib-hash.json`` in the directory, when writable) spares re-reading a large
-    model's weights at every start; any change to a file's size or mtime recomputes it.
+    model's weights at every start; any change to a file's size or mtime recomputes it. A process
+    also remembers what it hashed, so that a read-only directory is read once per process.
     """
     files = sorted({p for pattern in _DEFINING for p in base.glob(pattern) if p.is_file()})
     stamps = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    key = base.resolve()
+    if key in _hashed and _hashed[key][0] == stamps:
+        return _hashed[key][1]
     cache = base / ".distrib-hash.json"
     try:
         saved = json.loads(cache.read_text())
         if saved["stamps"] == stamps:
+            _hashed[key] = (stamps, saved["sha256"])
             return saved["sha256"]
     except (OSError, ValueError, KeyError):
         pass
@@ -131,11 +142,12 @@ def base_hash(base: Path) -> str:
             for chunk in iter(lambda: f.read(1 << 24), b""):
                 digest.update(chunk)
     value = digest.hexdigest()
+    _hashed[key] = (stamps, value)
     try:
         tmp = cache.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps({"stamps": stamps, "sha256": value}))
         os.replace(tmp, cache)
-    except OSError:  # a read-only model directory: hash again next time
+    except OSError:  # a read-only model directory: this process remembers it, the next one hashes again
         pass
     return value
 
@@ -145,8 +157,24 @@ def model_ref(path: Path) -> dict:
     return {"path": str(path), "sha256": base_hash(path)}
 
 
-def check_base(cfg: Config, checkpoint: Path) -> None:
+def model_refs(cfg: Config) -> dict[str, dict | None]:
+    """The models ``cfg``'s checkpoints refer to without holding them: ``{"base": ref, "teacher": ref}``.
+
+    Each is a :func:`model_ref`, or None when the run has no such model. Hashing reads every weight file
+    unless the stamp cache is valid: a job runs this on one rank (``Topology.from_main``).
+    """
+    return {"base": model_ref(Path(cfg.model.pretrained)) if cfg.init_from else None,
+            "teacher": model_ref(Path(cfg.teacher)) if cfg.teacher else None}
+
+
+def check_base(cfg: Config, checkpoint: Path, now: dict[str, dict | None] | None = None) -> None:
     """Refuse to resume ``checkpoint`` onto a base (or teacher) whose content changed since it was saved.
+
+    Args:
+        cfg: the run's config (``model.pretrained`` and ``teacher`` name the models now).
+        checkpoint: the checkpoint to resume.
+        now: :func:`model_refs` of ``cfg`` when the caller has them (the ranks of a job get them from one
+            rank); a model they do not cover is hashed here.
 
     Raises:
         ConfigError: the hashes differ.
@@ -154,14 +182,19 @@ def check_base(cfg: Config, checkpoint: Path) -> None:
     from distrib.checkpoint import read_state
 
     state = read_state(checkpoint)
-    for what, saved, now_path in (("base model", state.base, cfg.model.pretrained),
-                                  ("teacher", state.teacher, cfg.teacher)):
+    now = now or {}
+    for what, key, saved, now_path in (("base model", "base", state.base, cfg.model.pretrained),
+                                       ("teacher", "teacher", state.teacher, cfg.teacher)):
         if not saved:
             continue
         path = Path(now_path or saved["path"])
-        now = base_hash(path) if path.is_dir() else "missing"
-        if now != saved["sha256"]:
+        ref = now.get(key)
+        if ref is not None and ref["path"] == str(path):
+            sha = ref["sha256"]
+        else:
+            sha = base_hash(path) if path.is_dir() else "missing"
+        if sha != saved["sha256"]:
             raise ConfigError(
-                f"the {what} {path} has changed since {checkpoint.name} was saved (sha256 {now[:12]}, the checkpoint "
+                f"the {what} {path} has changed since {checkpoint.name} was saved (sha256 {sha[:12]}, the checkpoint "
                 f"was trained with {saved['sha256'][:12]}); restore it, or set checkpoint.resume=false to start over"
             )

@@ -217,7 +217,9 @@ def _train(args, cfg) -> int:
     stage.check(cfg)
     cfg.check_world(world)
     resume_from = check_resumable(cfg)
-    if resume_from is not None:
+    # Hashing the base reads its weights: here only in the one process the user started (the workers' parent, or
+    # the single process); the ranks of a launcher's job compare in the Trainer, with rank 0's hash for all.
+    if resume_from is not None and (local or world == 1):
         check_base(cfg, resume_from)
     if resume_from is not None and _finished(cfg, resume_from):
         return 0
@@ -256,7 +258,7 @@ def _train(args, cfg) -> int:
     from distrib.utils import setup_logging
 
     setup_logging()
-    topo = Topology.init(tp=cfg.parallel.tp, timeout_minutes=cfg.parallel.timeout_minutes)
+    topo = Topology.init(tp=cfg.parallel.tp, timeout_minutes=cfg.parallel.timeout_minutes, run_dir=cfg.output_dir)
     lock = None
     try:
         # Under srun or mpirun every process is a worker: rank 0 takes the lock, and all ranks learn
@@ -290,8 +292,10 @@ def _finished(cfg, checkpoint) -> bool:
         return False
     hf = Path(cfg.output_dir) / "hf"
     if cfg.export.at_end and not (hf / "config.json").is_file():
+        from distrib.checkpoint.base import check_base
         from distrib.checkpoint.export import export_checkpoint
 
+        check_base(cfg, checkpoint)  # the export merges onto the base: refuse a changed one
         export_checkpoint(checkpoint, hf, adapter_dir=Path(cfg.output_dir) / "adapter")
     if _launcher_rank() == 0:
         where = f"; its export is {hf}" if (hf / "config.json").is_file() else ""

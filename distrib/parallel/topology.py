@@ -9,14 +9,22 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
+from typing import TypeVar
 
 import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
+
+from distrib.launch.env import nccl_env
+
+T = TypeVar("T")
 
 
 #: Where a rank can be inside an optimizer step, in order.
@@ -53,6 +61,7 @@ class Topology:
     tp_group: object = field(default=None, repr=False)
     timeout_s: float = 1800.0
     _position: tuple = field(default=(0, 0, 0), repr=False)
+    _shared: int = field(default=0, repr=False)  # calls of from_main so far
     _beat: object = field(default=None, repr=False)
     _stopping: threading.Event = field(default_factory=threading.Event, repr=False)
 
@@ -77,14 +86,18 @@ class Topology:
         return torch.device(get_accelerator().device_name(device_index(self.local_rank, get_accelerator().device_count())))
 
     @classmethod
-    def init(cls, tp: int = 1, timeout_minutes: float = 30.0) -> "Topology":
+    def init(cls, tp: int = 1, timeout_minutes: float = 30.0, run_dir: str | os.PathLike | None = None) -> "Topology":
         """Start (or join) the default process group from the environment and build the grid.
 
         The environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``...) was normalised beforehand by
-        :mod:`launch.env`, whatever started the process.
+        :mod:`launch.env`, whatever started the process. On NCCL the variables of
+        :func:`launch.env.nccl_env` are set first (those the user has not), with the flight recorder's
+        dumps in ``<run_dir>/flight_recorder/``.
         """
         accel = get_accelerator()
         if not dist.is_initialized():
+            if accel.communication_backend_name() == "nccl":
+                use_nccl_env(run_dir)
             deepspeed.init_distributed(
                 dist_backend=accel.communication_backend_name(),
                 auto_mpi_discovery=False,
@@ -131,6 +144,37 @@ class Topology:
 
     def barrier(self) -> None:
         dist.barrier()
+
+    def from_main(self, compute: Callable[[], T], wait: timedelta = timedelta(hours=6)) -> T:
+        """``compute()`` run on rank 0 alone, its value given to every rank through the rendezvous store.
+
+        For what every rank needs and one rank can find alone at a cost (the hash of a model's files). The
+        others wait on the store rather than in a collective, which would end at the process group's timeout
+        (``parallel.timeout_minutes``): reading a large model can take longer. An exception on rank 0 is sent
+        instead and raised on every rank, so no rank waits for a value that never comes.
+
+        Args:
+            compute: what rank 0 runs; every rank calls ``from_main`` at the same point of the program.
+            wait: how long the other ranks wait for rank 0 (6 hours: a terabyte read at 50 MB/s).
+        """
+        if self.world_size == 1:
+            return compute()
+        store, key = _store(), f"distrib/from-main/{self._shared}"
+        self._shared += 1  # every rank counts its calls alike: the n-th call of each meets at the n-th key
+        if self.is_main:
+            try:
+                value = compute()
+            except Exception as e:
+                sent = e if _picklable(e) else RuntimeError(f"on rank 0: {type(e).__name__}: {e}")
+                store.set(key, pickle.dumps((False, sent)))
+                raise
+            store.set(key, pickle.dumps((True, value)))
+            return value
+        store.wait([key], wait)
+        ok, value = pickle.loads(store.get(key))
+        if not ok:
+            raise value
+        return value
 
     def all_reduce_sum_dp(self, value: torch.Tensor) -> torch.Tensor:
         """Sum over the data-parallel ranks (float64, so that token counts and loss sums stay exact)."""
@@ -219,6 +263,46 @@ class Topology:
             self._beat.join(timeout=30)
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def use_nccl_env(run_dir: str | os.PathLike | None) -> None:
+    """Set :func:`launch.env.nccl_env` (what the user has not set) and make the flight recorder's directory."""
+    env = nccl_env(run_dir, os.environ)
+    if "TORCH_FR_DUMP_TEMP_FILE" in env:  # torch writes the files but does not make their directory
+        Path(env["TORCH_FR_DUMP_TEMP_FILE"]).parent.mkdir(parents=True, exist_ok=True)
+    os.environ.update(env)
+
+
+#: What a collective that waited past the group's timeout raises, lower-cased, read in torch 2.13. gloo: a
+#: RuntimeError "Timed out waiting 15000ms for recv operation to complete" (or send; later operations on the
+#: same pair: "Application timeout caused pair closure"). NCCL (ProcessGroupNCCL.cpp): the watchdog marks the
+#: work with a DistBackendError "[Rank 0] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=..,
+#: OpType=ALLREDUCE, ..) ran for 1800000 milliseconds before timing out.", which ``wait()`` raises; under
+#: TORCH_NCCL_ASYNC_ERROR_HANDLING=2 it then aborts the communicators, and the next collective raises
+#: "NCCL communicator was aborted on rank 0." (with the original reason when known). Older torch raised
+#: these as plain RuntimeErrors.
+_TIMED_OUT = ("timed out waiting", "operation timed out", "application timeout caused pair closure",
+              "watchdog caught collective operation timeout", "communicator was aborted")
+
+
+def collective_timed_out(error: BaseException) -> bool:
+    """Whether ``error`` is a collective that waited past the process group's timeout (gloo or NCCL).
+
+    torch's distributed errors (``torch.distributed.DistError`` and its subclasses) qualify when they say
+    they timed out or were aborted; any other RuntimeError only with the words gloo or NCCL use.
+    """
+    text = str(error).lower()
+    if isinstance(error, dist.DistError):
+        return any(word in text for word in ("timed out", "timeout", "aborted"))
+    return isinstance(error, RuntimeError) and any(words in text for words in _TIMED_OUT)
+
+
+def _picklable(value) -> bool:
+    try:
+        pickle.dumps(value)
+    except Exception:
+        return False
+    return True
 
 
 def _store():

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from distrib import faults
 from distrib.errors import TrainingError  # noqa: F401 (re-exported)
 from distrib.model.adapters import format_summary, trainable_summary
-from distrib.checkpoint.base import model_ref
+from distrib.checkpoint.base import check_base, model_refs
 from distrib.checkpoint import Checkpointer, TrainState, latest_checkpoint
 from distrib.config import Config
 from distrib.data import IGNORE_INDEX, GlobalBatchSampler, collate, prepare_data  # noqa: F401 (re-exported)
@@ -32,7 +32,7 @@ from distrib.model import (count_parameters, deferred_weights, flops_per_token, 
                            matmul_shape)
 from distrib.parallel.engine import build_engine, deepspeed_config, torch_dtype
 from distrib.parallel.tensor_parallel import apply_plan, materialize_shards
-from distrib.parallel.topology import Topology
+from distrib.parallel.topology import Topology, collective_timed_out
 from distrib.utils import StopRequest, keep_freed_host_memory, log_main
 
 @dataclass
@@ -113,6 +113,11 @@ class Trainer:
             cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"attn_implementation": attention})})
         self.cfg, self.topo, self.stage = cfg, topo, stage
         self.out = Path(cfg.output_dir)
+        # The base's and the teacher's hashes read every weight file (unless their stamp cache is valid): rank 0
+        # computes them, once for all ranks; a resume onto changed ones is refused before anything is written.
+        refs = topo.from_main(lambda: model_refs(cfg))
+        if resume_from is not None:
+            check_base(cfg, resume_from, refs)
         self.started = time.monotonic()
         self.stop = stop or StopRequest()
         if cfg.train.keep_host_memory and topo.device.type == "cpu":
@@ -166,8 +171,7 @@ class Trainer:
 
         self.state = TrainState(world_size=topo.world_size, dp=topo.dp, tp=topo.tp, zero_stage=cfg.parallel.zero_stage,
                                 config_hash=cfg.identity_hash(), max_steps=cfg.train.max_steps,
-                                base=model_ref(Path(cfg.model.pretrained)) if cfg.init_from else None,
-                                teacher=model_ref(Path(cfg.teacher)) if cfg.teacher else None)
+                                base=refs["base"], teacher=refs["teacher"])
         # What is frozen comes from the base again at every start; checkpoints hold what trains.
         self.ckpt.exclude_frozen = self.trainable["trainable"] < self.trainable["total"]
         self.ckpt.engine_state = self.trains
@@ -482,8 +486,8 @@ class Trainer:
         """
         try:
             return self._fit()
-        except (RuntimeError, dist.DistBackendError) as e:
-            if "timed out" not in str(e).lower() and "timeout" not in str(e).lower():
+        except RuntimeError as e:  # torch.distributed's errors are RuntimeErrors too
+            if not collective_timed_out(e):
                 raise
             raise TrainingError(self.topo.who_is_late(), from_this_rank=True) from None
 
