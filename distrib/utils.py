@@ -1,9 +1,10 @@
-"""Small helpers shared across the package: rank-aware logging."""
+"""Small helpers shared across the package: rank-aware logging, warnings, signals and host memory."""
 
 from __future__ import annotations
 
 import logging
 import os
+import resource
 import signal
 import sys
 import warnings
@@ -119,6 +120,26 @@ class StopRequest:
 
     def _handle(self, signum, frame):
         self.requested = True
+
+
+def peak_rss_bytes() -> int:
+    """This process's own peak resident memory so far, in bytes.
+
+    On Linux ``VmHWM`` of ``/proc/self/status``: the high-water mark of this process's address
+    space, which ``exec`` starts afresh. ``getrusage``'s ``ru_maxrss`` is kept across ``exec``, so a
+    worker started by a launcher would report the launcher's peak (its data preparation) whenever
+    that is higher than its own; it is only the fallback where there is no ``/proc`` (macOS reports
+    it in bytes, other systems in kibibytes).
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # "VmHWM:  123456 kB"
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def keep_freed_host_memory() -> bool:
