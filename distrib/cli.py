@@ -208,6 +208,11 @@ def _train(args, cfg) -> int:
         from distrib.utils import quiet_deepspeed
 
         quiet_deepspeed()
+    else:  # a worker: before the checks below import DeepSpeed, whose import already warns
+        from distrib.utils import hide_deepspeed_deprecations, quiet_other_ranks
+
+        quiet_other_ranks(env.rank)
+        hide_deepspeed_deprecations()
     if _launcher_rank() == 0 and args.node_rank == 0 and not held_by_launcher(cfg.output_dir):
         RunLock(cfg.output_dir).check_free()  # a busy directory is the first thing to say
     cfg = with_base(cfg, resolve_base(cfg))  # init_from: the model, its config and its tokenizer
@@ -246,9 +251,6 @@ def _train(args, cfg) -> int:
 
     die_with_launcher()
     env.export()
-    from distrib.utils import quiet_other_ranks
-
-    quiet_other_ranks()  # before DeepSpeed is imported: its import already warns
 
     from distrib.topology import Topology
     from distrib.trainer import Trainer, TrainingError

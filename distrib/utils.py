@@ -69,6 +69,21 @@ def quiet_other_ranks(rank: int | None = None) -> None:
         warnings.filterwarnings("ignore", category=category)
 
 
+#: What torch says of the collectives DeepSpeed's ZeRO calls on every step: ``deepspeed.comm`` picks
+#: ``torch.distributed.all_gather_into_tensor`` (ZeRO-1 and 2) and ``reduce_scatter_tensor`` (ZeRO-3),
+#: deprecated in torch 2.13 for ``all_gather_single`` and ``reduce_scatter_single``. The calls are
+#: DeepSpeed's to change (distrib makes neither), and the warning would come back with each step.
+DEEPSPEED_DEPRECATIONS = r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated\."
+
+
+def hide_deepspeed_deprecations() -> None:
+    """Hide torch's deprecation of the two collectives DeepSpeed calls every step, on every rank; only those.
+
+    Call at worker start; other FutureWarnings still show (on rank 0, see :func:`quiet_other_ranks`).
+    """
+    warnings.filterwarnings("ignore", message=DEEPSPEED_DEPRECATIONS, category=FutureWarning)
+
+
 def log_main(msg: str) -> None:
     """Log on rank 0 only."""
     if _rank() == 0:

@@ -37,3 +37,30 @@ def test_peak_rss_is_the_processs_own_not_the_peak_of_what_started_it(how):
     peak = int(out.stdout.split()[-1])
     # a bare Python importing distrib.utils peaks at a few tens of MiB; ru_maxrss would say more than 1 GiB
     assert 0 < peak < GIB / 4, peak
+
+
+DEPRECATIONS_PROBE = textwrap.dedent("""
+    import warnings
+    import torch
+    import torch.distributed as dist
+    from distrib.utils import hide_deepspeed_deprecations
+    warnings.simplefilter("always")  # each warning every time, as a registry reset each step makes them
+    hide_deepspeed_deprecations()
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
+    for _ in range(3):  # what DeepSpeed's ZeRO-2 and ZeRO-3 call on every step
+        dist.all_gather_into_tensor(torch.zeros(4), torch.ones(4))
+        dist.reduce_scatter_tensor(torch.zeros(4), torch.ones(4))
+    warnings.warn("`torch.distributed.something_else` is deprecated. Please use another.", FutureWarning)
+    warnings.warn("all_gather_into_tensor is deprecated, but as a UserWarning")
+    dist.destroy_process_group()
+""")
+
+
+def test_only_deepspeeds_deprecated_collectives_are_hidden():
+    out = subprocess.run([sys.executable, "-c", DEPRECATIONS_PROBE], capture_output=True, text=True, env=ENV,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "all_gather_into_tensor` is deprecated" not in out.stderr
+    assert "reduce_scatter_tensor` is deprecated" not in out.stderr
+    assert "FutureWarning: `torch.distributed.something_else` is deprecated" in out.stderr  # others still show
+    assert "UserWarning: all_gather_into_tensor is deprecated, but as a UserWarning" in out.stderr
