@@ -3,6 +3,7 @@ library warnings, and the peak memory each rank reports."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import textwrap
 
 import pytest
 
+from distrib.cli import _parser
 from tests.helpers import ROOT
 
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
@@ -64,3 +66,31 @@ def test_only_deepspeeds_deprecated_collectives_are_hidden():
     assert "reduce_scatter_tensor` is deprecated" not in out.stderr
     assert "FutureWarning: `torch.distributed.something_else` is deprecated" in out.stderr  # others still show
     assert "UserWarning: all_gather_into_tensor is deprecated, but as a UserWarning" in out.stderr
+
+
+def _commands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return sub.choices
+
+
+def test_every_command_and_every_option_has_a_help_text():
+    parser = _parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    missing = [f"distrib {c.dest}" for c in sub._choices_actions if not (c.help or "").strip()]
+    for name, command in _commands(parser).items():
+        if not (command.description or "").strip():
+            missing.append(f"distrib {name} (description)")
+        for action in command._actions:
+            if not isinstance(action, argparse._HelpAction) and not (action.help or "").strip():
+                missing.append(f"distrib {name} {'/'.join(action.option_strings) or action.dest}")
+    assert sorted(_commands(parser)) == sorted(c.dest for c in sub._choices_actions)
+    assert not missing, missing
+
+
+def test_help_is_plain_text():
+    out = subprocess.run([sys.executable, "-m", "distrib", "--help"], capture_output=True, text=True, env=ENV,
+                         cwd=ROOT, timeout=60)
+    assert out.returncode == 0 and out.stdout.startswith("usage: distrib"), out.stderr
+    for text in (out.stdout, *(command.format_help() for command in _commands(_parser()).values())):
+        assert "`" not in text, text
+    assert "\nPretrain, fine-tune and distil" in out.stdout  # what distrib is, first after the usage
