@@ -19,6 +19,7 @@ config exits with code 2 and one line, before any process group or file exists.
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 from pathlib import Path
 
@@ -100,6 +101,13 @@ def _fail(msg: str, code: int = EXIT_CONFIG) -> int:
     return code
 
 
+def _unknown_command(word: str, commands) -> str:
+    """One line for a command that is not one: the closest command, as a mistyped config key gets, and all of them."""
+    close = difflib.get_close_matches(word, list(commands), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"unknown command {word!r}{hint} (commands: {', '.join(commands)})"
+
+
 def _launcher_rank() -> int:
     """This process's global rank as its launcher set it (0 when started by hand)."""
     import os
@@ -114,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = _parser()
     commands = parser._subparsers._group_actions[0].choices
+    if argv and not argv[0].startswith("-") and argv[0] not in commands:
+        return _fail(_unknown_command(argv[0], commands))
     if not argv or argv[0] not in commands:
         parser.parse_args(argv)  # prints usage (or help) and exits
     # Options may stand anywhere on the line, between config overrides too.

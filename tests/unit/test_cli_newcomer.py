@@ -94,3 +94,17 @@ def test_help_is_plain_text():
     for text in (out.stdout, *(command.format_help() for command in _commands(_parser()).values())):
         assert "`" not in text, text
     assert "\nPretrain, fine-tune and distil" in out.stdout  # what distrib is, first after the usage
+
+
+@pytest.mark.parametrize("argv, suggestion", [
+    (["pretrian", "configs/pretrain/tiny.yaml"], "; did you mean 'pretrain'?"),
+    (["fine-tune", "configs/finetune/tiny-lora.yaml", "output_dir=out"], "; did you mean 'finetune'?"),
+    (["xyzzy"], ""),
+])
+def test_a_mistyped_command_is_one_line_naming_the_closest_and_creates_nothing(tmp_path, argv, suggestion):
+    out = subprocess.run([sys.executable, "-m", "distrib", *argv], capture_output=True, text=True, env=ENV,
+                         cwd=tmp_path, timeout=60)
+    commands = ", ".join(_commands(_parser()))
+    assert (out.returncode, out.stdout) == (2, "")
+    assert out.stderr == f"distrib: error: unknown command {argv[0]!r}{suggestion} (commands: {commands})\n"
+    assert list(tmp_path.iterdir()) == []
