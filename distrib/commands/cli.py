@@ -19,6 +19,7 @@ config exits with code 2 and one line, before any process group or file exists.
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 from pathlib import Path
 
@@ -28,11 +29,21 @@ from distrib.stages import STAGES
 EXIT_CONFIG = 2
 
 
+#: What ``distrib --help`` opens with: plain text, as a terminal shows it.
+DESCRIPTION = ("Pretrain, fine-tune and distil causal language models with DeepSpeed ZeRO, then export, "
+               "evaluate, plan and report on them.")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="distrib", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="distrib", description=DESCRIPTION,
+                                     epilog="'distrib COMMAND --help' lists a command's options.")
+    sub = parser.add_subparsers(title="commands", dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, what: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=what, description=what[0].upper() + what[1:] + ".")
+
     for stage in STAGES:
-        p = sub.add_parser(stage, help=f"run the {stage} stage")
+        p = command(stage, f"run the {stage} stage")
         p.add_argument("config", help="YAML config, e.g. configs/pretrain/tiny.yaml")
         p.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
         p.add_argument("--nproc-per-node", type=int, default=None, help="start N local workers (outside a launcher)")
@@ -41,41 +52,42 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--rdzv-endpoint", default=None, help="HOST:PORT of the rendezvous (node 0)")
         p.add_argument("--rdzv-id", default="distrib", help="rendezvous id shared by the nodes of one job")
         p.add_argument("--max-restarts", type=int, default=0, help="restart failed workers up to K times")
-    p = sub.add_parser("run", help="pretrain -> fine-tune -> distil in one command, then a report")
+    p = command("run", "pretrain -> fine-tune -> distil in one command, then a report")
     p.add_argument("args", nargs="*", metavar="[PIPELINE.yaml] key=value",
                    help="a pipeline file (default: the embedded configs/pipeline/default.yaml), then overrides: "
                         "output_dir=DIR, STAGE.key=value, or key=value for every stage")
     p.add_argument("--nproc-per-node", type=int, default=None, help="processes per stage (default: the pipeline's)")
-    p = sub.add_parser("export", help="write a Hugging Face directory from a checkpoint")
+    p = command("export", "write a Hugging Face directory from a checkpoint")
     p.add_argument("checkpoint", help="<output_dir>/checkpoints/step_N, <output_dir>/checkpoints/latest or <output_dir>")
-    p.add_argument("out_dir")
+    p.add_argument("out_dir", help="the directory to write the model, its config and its tokenizer to")
     p.add_argument("--max-shard-size", default=None,
                    help="split the weights into files of at most this size, e.g. 5GB (default: the run's export.max_shard_size)")
-    p = sub.add_parser("eval", help="evaluate an exported model with lm-eval (offline tasks shipped)")
+    p = command("eval", "evaluate an exported model with lm-eval (offline tasks shipped)")
     p.add_argument("model_dir", help="a run's hf/ directory, the run directory, or a fine-tune's adapter/")
     p.add_argument("--tasks", default=None, help="comma-separated lm-eval task names (default: the shipped ones)")
     p.add_argument("--limit", type=float, default=None, help="at most N documents per task")
-    p.add_argument("--batch-size", type=int, default=16)
-    p = sub.add_parser("plan", help="check a config for N ranks and estimate per-rank memory")
-    p.add_argument("config")
-    p.add_argument("overrides", nargs="*", metavar="key.path=value")
-    p.add_argument("--world-size", type=int, required=True)
-    p.add_argument("--gpus-per-node", type=int, default=8)
-    p.add_argument("--gpu-memory-gib", type=float, default=80.0)
-    p = sub.add_parser("prepare-data", help="build a config's data cache now (once, on a login or CPU node; "
-                       "under srun or mpirun its tasks share the tokenizing)")
-    p.add_argument("config")
-    p.add_argument("overrides", nargs="*", metavar="key.path=value")
-    p = sub.add_parser("report", help="summarize a run or pipeline directory: summary.json, summary.md, plots")
+    p.add_argument("--batch-size", type=int, default=16, help="requests scored per forward pass (default: 16)")
+    p = command("plan", "check a config for N ranks and estimate per-rank memory")
+    p.add_argument("config", help="YAML config, e.g. configs/pretrain/llama-7b.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
+    p.add_argument("--world-size", type=int, required=True, help="number of ranks (processes, one per GPU) to plan for")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default: 8)")
+    p.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU in GiB (default: 80)")
+    p = command("prepare-data", "build a config's data cache now (once, on a login or CPU node; "
+                "under srun or mpirun its tasks share the tokenizing)")
+    p.add_argument("config", help="YAML config, e.g. configs/pretrain/tiny.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
+    p = command("report", "summarize a run or pipeline directory: summary.json, summary.md, plots")
     p.add_argument("run_dir", help="a run's output_dir, or a directory holding pretrain/, finetune/, distill/")
     p.add_argument("--no-speed", action="store_true", help="skip timing a distilled student against its teacher")
-    p = sub.add_parser("generate", help="continue a prompt with an exported model")
+    p = command("generate", "continue a prompt with an exported model")
     p.add_argument("model_dir", help="a run directory, its hf/ export or its adapter/ directory")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="stop after this many new tokens (default: 64)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 decodes greedily")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="sample only from the likeliest tokens that together reach this probability (default: 1, all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling, so a command repeats (default: 0)")
     return parser
 
 
@@ -87,6 +99,13 @@ def _fail(msg: str, code: int = EXIT_CONFIG) -> int:
     if _launcher_rank() == 0:
         print(f"distrib: error: {msg}", file=sys.stderr)
     return code
+
+
+def _unknown_command(word: str, commands) -> str:
+    """One line for a command that is not one: the closest command, as a mistyped config key gets, and all of them."""
+    close = difflib.get_close_matches(word, list(commands), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"unknown command {word!r}{hint} (commands: {', '.join(commands)})"
 
 
 def _launcher_rank() -> int:
@@ -103,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = _parser()
     commands = parser._subparsers._group_actions[0].choices
+    if argv and not argv[0].startswith("-") and argv[0] not in commands:
+        return _fail(_unknown_command(argv[0], commands))
     if not argv or argv[0] not in commands:
         parser.parse_args(argv)  # prints usage (or help) and exits
     # Options may stand anywhere on the line, between config overrides too.
@@ -208,6 +229,11 @@ def _train(args, cfg) -> int:
         from distrib.utils import quiet_deepspeed
 
         quiet_deepspeed()
+    else:  # a worker: before the checks below import DeepSpeed, whose import already warns
+        from distrib.utils import hide_deepspeed_deprecations, quiet_other_ranks
+
+        quiet_other_ranks(env.rank)
+        hide_deepspeed_deprecations()
     if _launcher_rank() == 0 and args.node_rank == 0 and not held_by_launcher(cfg.output_dir):
         RunLock(cfg.output_dir).check_free()  # a busy directory is the first thing to say
     cfg = with_base(cfg, resolve_base(cfg))  # init_from: the model, its config and its tokenizer
@@ -248,9 +274,6 @@ def _train(args, cfg) -> int:
 
     die_with_launcher()
     env.export()
-    from distrib.utils import quiet_other_ranks
-
-    quiet_other_ranks()  # before DeepSpeed is imported: its import already warns
 
     from distrib.parallel.topology import Topology
     from distrib.errors import TrainingError

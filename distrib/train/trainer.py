@@ -33,7 +33,7 @@ from distrib.model import (count_parameters, deferred_weights, flops_per_token, 
 from distrib.parallel.engine import build_engine, deepspeed_config, torch_dtype
 from distrib.parallel.tensor_parallel import apply_plan, materialize_shards
 from distrib.parallel.topology import Topology, collective_timed_out
-from distrib.utils import StopRequest, keep_freed_host_memory, log_main
+from distrib.utils import StopRequest, keep_freed_host_memory, log_main, peak_rss_bytes
 
 @dataclass
 class LossOut:
@@ -616,15 +616,6 @@ def data_identity(data) -> dict:
             digest.update(np.asarray(split[i]["input_ids"]).tobytes())
     return {"fingerprint": data.fingerprint, "tokenizer": vocab, "train_blocks": len(data.train),
             "validation_blocks": len(data.validation), "blocks": digest.hexdigest()[:16]}
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident memory so far (Linux reports kibibytes, macOS bytes)."""
-    import resource
-    import sys
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def optimizer_state_bytes(optimizer) -> int:
