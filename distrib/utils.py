@@ -9,11 +9,13 @@ import signal
 import sys
 import warnings
 
+from distrib.launch.env import launcher_rank
+
 logger = logging.getLogger("distrib")
 
 
 def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
+    return launcher_rank()
 
 
 def setup_logging() -> None:

@@ -688,6 +688,22 @@ def detect(environ: Mapping[str, str] = os.environ) -> LaunchEnv:
     return _DETECTORS[_classify(environ)](environ)
 
 
+#: Where launchers put this process's global rank, in the order they are trusted.
+RANK_VARS = ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
+
+
+def launcher_rank(environ: Mapping[str, str] = os.environ) -> int:
+    """This process's global rank as its launcher set it (0 when started by hand), without validating the rest.
+
+    For what every rank says once (rank 0 speaks): cheap enough to call before :func:`detect` has run or when
+    it would refuse the environment.
+    """
+    for name in RANK_VARS:
+        if environ.get(name, "").isdigit():
+            return int(environ[name])
+    return 0
+
+
 def world_size_hint(environ: Mapping[str, str] = os.environ) -> int | None:
     """The number of ranks the launcher announced, from the environment alone.
 

@@ -14,17 +14,23 @@ A training command runs as one worker of whatever launcher started it (torchrun,
 or as a single process. Given ``--nproc-per-node`` outside any launcher it starts the workers itself
 with torch's elastic agent. The config is validated first, in the process the user started: a bad
 config exits with code 2 and one line, before any process group or file exists.
+
+Each command's code lives in its own module, named in :data:`HANDLERS` and imported when that command runs
+(as the stages' registry does): reading a config and refusing a bad one imports neither torch nor DeepSpeed,
+and a training process quiets DeepSpeed's import-time warnings before anything imports it.
 """
 
 from __future__ import annotations
 
 import argparse
 import difflib
+import importlib
 import sys
-from pathlib import Path
 
 from distrib.config import ConfigError, load_config
+from distrib.launch.env import LaunchEnvError, detect, launcher_rank
 from distrib.stages import STAGES
+from distrib.utils import hide_deepspeed_deprecations, quiet_deepspeed, quiet_other_ranks
 
 EXIT_CONFIG = 2
 
@@ -93,10 +99,25 @@ def _parser() -> argparse.ArgumentParser:
 
 EXIT_FAILED = 1
 
+#: Command -> "module:function"; the function takes the parsed arguments and the loaded config (None for
+#: commands without one) and returns the exit code.
+HANDLERS = {
+    **{stage: "distrib.commands.train:train" for stage in STAGES},
+    "prepare-data": "distrib.commands.train:prepare",
+    "run": "distrib.commands.pipeline:command",
+    "export": "distrib.commands.export:command",
+    "eval": "distrib.commands.evaluate:command",
+    "plan": "distrib.commands.plan:command",
+    "report": "distrib.commands.report:command",
+    "generate": "distrib.commands.generate:command",
+}
+#: Commands whose first argument is a config (with overrides), loaded and validated before anything else.
+CONFIG_COMMANDS = {*STAGES, "plan", "prepare-data"}
 
-def _fail(msg: str, code: int = EXIT_CONFIG) -> int:
+
+def fail(msg: str, code: int = EXIT_CONFIG) -> int:
     """Say ``msg`` in one line (once per job: every rank finds the same problem) and return ``code``."""
-    if _launcher_rank() == 0:
+    if launcher_rank() == 0:
         print(f"distrib: error: {msg}", file=sys.stderr)
     return code
 
@@ -108,220 +129,49 @@ def _unknown_command(word: str, commands) -> str:
     return f"unknown command {word!r}{hint} (commands: {', '.join(commands)})"
 
 
-def _launcher_rank() -> int:
-    """This process's global rank as its launcher set it (0 when started by hand)."""
-    import os
-
-    for name in ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"):
-        if os.environ.get(name, "").isdigit():
-            return int(os.environ[name])
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+def _parse(argv: list[str]) -> argparse.Namespace | int:
+    """The parsed command line, or the exit code of one that is no command (argparse prints usage or help)."""
     parser = _parser()
     commands = parser._subparsers._group_actions[0].choices
     if argv and not argv[0].startswith("-") and argv[0] not in commands:
-        return _fail(_unknown_command(argv[0], commands))
+        return fail(_unknown_command(argv[0], commands))
     if not argv or argv[0] not in commands:
         parser.parse_args(argv)  # prints usage (or help) and exits
     # Options may stand anywhere on the line, between config overrides too.
     args = commands[argv[0]].parse_intermixed_args(argv[1:])
     args.command = argv[0]
-    try:
-        if args.command == "run":
-            from distrib.commands.pipeline import main as run_pipeline
-
-            first = args.args[0] if args.args and "=" not in args.args[0] else None
-            return run_pipeline(first, args.args[1:] if first else args.args, args.nproc_per_node)
-        if args.command == "export":
-            from distrib.checkpoint import resolve_checkpoint
-            from distrib.checkpoint.export import export_checkpoint
-
-            if args.max_shard_size is not None:
-                from distrib.config import file_size
-
-                file_size(args.max_shard_size, "--max-shard-size")
-            print(export_checkpoint(resolve_checkpoint(args.checkpoint), args.out_dir, max_shard_size=args.max_shard_size))
-            return 0
-        if args.command == "report":
-            from distrib.commands.report import format_markdown, write_report
-
-            print(format_markdown(write_report(args.run_dir, measure_speed=not args.no_speed)), end="")
-            return 0
-        if args.command == "generate":
-            from distrib.commands.generate import generate
-
-            print(generate(args.model_dir, args.prompt, max_new_tokens=args.max_new_tokens,
-                           temperature=args.temperature, top_p=args.top_p, seed=args.seed))
-            return 0
-        if args.command == "eval":
-            from distrib.commands.evaluate import main as evaluate
-
-            return evaluate(args.model_dir, args.tasks, args.limit, args.batch_size)
-        cfg = load_config(args.config, args.overrides)
-        if args.command == "plan":
-            from distrib.commands.plan import format_plan, plan
-
-            print(format_plan(plan(cfg, args.world_size, args.gpus_per_node, args.gpu_memory_gib)))
-            return 0
-        if args.command == "prepare-data":
-            return _prepare_data(cfg)
-        cfg.check_paths()
-        return _train(args, cfg)
-    except ConfigError as e:
-        return _fail(str(e))
+    return args
 
 
-def _prepare_data(cfg) -> int:
-    """Build the data cache of ``cfg`` (or find it built) and print its path, blocks and tokens.
+def _quiet(args: argparse.Namespace) -> None:
+    """Before DeepSpeed is imported (its import already warns): who in a training job says what.
 
-    The cache is the one training looks up: the tokenizer is resolved as the stages resolve it
-    (``init_from``'s or the teacher's unless ``data.tokenizer`` is set), and the key depends on
-    neither the ranks nor ``data.num_proc`` (the processes that tokenize here), so a job's ranks
-    then load it instead of building it.
+    The process that checks the run and starts workers leaves DeepSpeed's warnings to them; a worker keeps
+    library warnings to rank 0, and no rank repeats torch's deprecation of DeepSpeed's collectives every step.
     """
-    import json
-
-    from distrib.checkpoint.base import resolve_base, with_base
-    from distrib.data import prepare_data
-    from distrib.stages import stage_class
-
-    cfg = with_base(cfg, resolve_base(cfg))
-    if cfg.teacher:
-        cfg = stage_class("distill").prepare(cfg)
-    prepared = prepare_data(cfg.data, cfg.seed)
-    meta = json.loads((prepared.cache_path / "meta.json").read_text())
-    print(prepared.cache_path)
-    for split in ("train", "validation"):
-        print(f"{split}: {meta['blocks'][split]} blocks of {cfg.data.seq_len} tokens "
-              f"({meta['tokens'][split]} tokens of {meta['documents'][split]} documents)")
-    return 0
-
-
-def _train(args, cfg) -> int:
-    """Run a training stage: checks, data, lock, then workers (started here or by a launcher).
-
-    Everything that can be found wrong is found here, in the process the user started, before a
-    worker or process group exists: the config, the world, the resume point and the data (prepared
-    into the shared cache now, so a bad file is one line, not a traceback per rank).
-    """
-    from distrib.checkpoint.base import check_base, resolve_base, with_base
-    from distrib.checkpoint import check_resumable
-    from distrib.data import prepare_data
-    from distrib.stages import stage_class
-    from distrib.lock import RunLock, held_by_launcher
-    from distrib.launch.env import LaunchEnvError, detect
-
-    try:
-        env = detect()
-    except LaunchEnvError as e:
-        return _fail(str(e))
-    local = args.nproc_per_node is not None and env.launcher == "none"
-    if args.nproc_per_node is not None and not local:
-        return _fail(f"--nproc-per-node is for starting workers by hand, but this process was started by {env.launcher} "
-                     f"with {env.world_size} ranks; drop --nproc-per-node (and --nnodes) and size the job with {env.launcher}")
-    if local and (args.nproc_per_node < 1 or args.nnodes < 1):
-        return _fail("--nproc-per-node and --nnodes must be at least 1")
-    world = args.nproc_per_node * args.nnodes if local else env.world_size
-    if local:  # this process checks and starts the workers; what DeepSpeed has to say, they say
-        from distrib.utils import quiet_deepspeed
-
+    if args.command not in STAGES:
         quiet_deepspeed()
-    else:  # a worker: before the checks below import DeepSpeed, whose import already warns
-        from distrib.utils import hide_deepspeed_deprecations, quiet_other_ranks
-
+        return
+    env = detect()
+    if args.nproc_per_node is not None and env.launcher == "none":
+        quiet_deepspeed()
+    else:
         quiet_other_ranks(env.rank)
         hide_deepspeed_deprecations()
-    if _launcher_rank() == 0 and args.node_rank == 0 and not held_by_launcher(cfg.output_dir):
-        RunLock(cfg.output_dir).check_free()  # a busy directory is the first thing to say
-    cfg = with_base(cfg, resolve_base(cfg))  # init_from: the model, its config and its tokenizer
-    stage = stage_class(args.command)
-    if hasattr(stage, "prepare"):  # models the stage needs besides init_from's (a teacher)
-        cfg = stage.prepare(cfg)
-    stage.check(cfg)
-    cfg.check_world(world)
-    resume_from = check_resumable(cfg)
-    # Hashing the base reads its weights: here only in the one process the user started (the workers' parent, or
-    # the single process); the ranks of a launcher's job compare in the Trainer, with rank 0's hash for all.
-    if resume_from is not None and (local or world == 1):
-        check_base(cfg, resume_from)
-    if resume_from is not None and _finished(cfg, resume_from):
-        return 0
-    if hasattr(stage, "materialize"):  # what the stage builds from its inputs (a student cut from the teacher)
-        stage.materialize(cfg)
-    prepare_data(cfg.data, cfg.seed)  # bad data is one line here; workers after this hit the cache
 
-    if local:
-        from distrib.launch.local import run_local
 
-        # held by this process while its workers run (node 0's, when nodes share the file system)
-        lock = RunLock(cfg.output_dir).acquire() if args.node_rank == 0 else None
-        try:
-            worker_argv = [args.command, args.config, *args.overrides]
-            return run_local(worker_argv, nproc_per_node=args.nproc_per_node, nnodes=args.nnodes,
-                             node_rank=args.node_rank, rdzv_endpoint=args.rdzv_endpoint, rdzv_id=args.rdzv_id,
-                             max_restarts=args.max_restarts)
-        finally:
-            if lock is not None:
-                lock.release()
-
-    from distrib.utils import StopRequest
-
-    stop = StopRequest()
-    from distrib.utils import die_with_launcher
-
-    die_with_launcher()
-    env.export()
-
-    from distrib.parallel.topology import Topology
-    from distrib.errors import TrainingError
-    from distrib.train.trainer import Trainer
-    from distrib.utils import setup_logging
-
-    setup_logging()
-    topo = Topology.init(tp=cfg.parallel.tp, timeout_minutes=cfg.parallel.timeout_minutes, run_dir=cfg.output_dir)
-    lock = None
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(sys.argv[1:] if argv is None else list(argv))
+    if isinstance(args, int):
+        return args
     try:
-        # Under srun or mpirun every process is a worker: rank 0 takes the lock, and all ranks learn
-        # whether it could before anything is written.
-        refused = None
-        if topo.is_main and not held_by_launcher(cfg.output_dir):
-            try:
-                lock = RunLock(cfg.output_dir).acquire()
-            except ConfigError as e:
-                refused = str(e)
-        if topo.any(refused is not None):
-            return _fail(refused or "another run holds output_dir")
-        Trainer(cfg, topo, stage(), resume_from=resume_from, stop=stop).fit()
-    except TrainingError as e:
-        if topo.is_main or e.from_this_rank:
-            print(f"distrib: error: {e}", file=sys.stderr)
-        return EXIT_FAILED
-    finally:
-        if lock is not None:
-            lock.release()
-        topo.shutdown()
-    return 0
-
-
-def _finished(cfg, checkpoint) -> bool:
-    """A run already at ``train.max_steps``: say so (exporting first if its export is missing), do nothing else."""
-    from distrib.checkpoint import read_state
-
-    step = read_state(checkpoint).step
-    if step < cfg.train.max_steps:
-        return False
-    hf = Path(cfg.output_dir) / "hf"
-    if cfg.export.at_end and not (hf / "config.json").is_file():
-        from distrib.checkpoint.base import check_base
-        from distrib.checkpoint.export import export_checkpoint
-
-        check_base(cfg, checkpoint)  # the export merges onto the base: refuse a changed one
-        export_checkpoint(checkpoint, hf, adapter_dir=Path(cfg.output_dir) / "adapter")
-    if _launcher_rank() == 0:
-        where = f"; its export is {hf}" if (hf / "config.json").is_file() else ""
-        print(f"distrib: {cfg.output_dir} already finished at step {step}{where}; "
-              "raise train.max_steps to train it further", file=sys.stderr)
-    return True
+        cfg = None
+        if args.command in CONFIG_COMMANDS:
+            cfg = load_config(args.config, args.overrides)
+        if args.command in STAGES:
+            cfg.check_paths()
+        _quiet(args)
+        module, function = HANDLERS[args.command].split(":")
+        return getattr(importlib.import_module(module), function)(args, cfg)
+    except (ConfigError, LaunchEnvError) as e:
+        return fail(str(e))

@@ -242,3 +242,8 @@ def main(model_dir: str, tasks: str | None, limit: float | None, batch_size: int
     print(record["table"])
     print(f"results: {Path(model_dir) / RESULT_FILE}")
     return 0
+
+
+def command(args, cfg=None) -> int:
+    """``distrib eval MODEL_DIR [--tasks T1,T2] [--limit N] [--batch-size B]``."""
+    return main(args.model_dir, args.tasks, args.limit, args.batch_size)

@@ -229,3 +229,10 @@ def generation_speed(model_dir: str | Path, prompt_tokens: int = 32, new_tokens:
 
     once()  # warm-up
     return statistics.median(once() for _ in range(repeats))
+
+
+def command(args, cfg=None) -> int:
+    """``distrib generate MODEL_DIR --prompt TEXT [...]``."""
+    print(generate(args.model_dir, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                   top_p=args.top_p, seed=args.seed))
+    return 0

@@ -279,3 +279,9 @@ def main(path: str | None, overrides: list[str], nproc_per_node: int | None) -> 
                           "existing pipeline directory")
     RunLock(p.output_dir).check_free()
     return run_pipeline(p)
+
+
+def command(args, cfg=None) -> int:
+    """``distrib run [PIPELINE.yaml] [overrides] [--nproc-per-node N]``."""
+    first = args.args[0] if args.args and "=" not in args.args[0] else None
+    return main(first, args.args[1:] if first else args.args, args.nproc_per_node)

@@ -526,3 +526,9 @@ def format_plan(p: Plan) -> str:
         *(f"  - {n}" for n in p.notes),
     ]
     return "\n".join(lines)
+
+
+def command(args, cfg) -> int:
+    """``distrib plan CONFIG --world-size N [--gpus-per-node G] [--gpu-memory-gib M]``."""
+    print(format_plan(plan(cfg, args.world_size, args.gpus_per_node, args.gpu_memory_gib)))
+    return 0

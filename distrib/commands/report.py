@@ -430,3 +430,9 @@ def write_report(run_dir: str | Path, measure_speed: bool = True) -> dict:
     _plot(summary, root, "loss", "Loss", "loss (nats per target token)", "loss.png", eval_key="eval_loss")
     _plot(summary, root, "tokens_per_s", "Training throughput", "tokens/s", "throughput.png")
     return summary
+
+
+def command(args, cfg=None) -> int:
+    """``distrib report RUN_DIR [--no-speed]``."""
+    print(format_markdown(write_report(args.run_dir, measure_speed=not args.no_speed)), end="")
+    return 0
