@@ -113,16 +113,28 @@ class Trainer:
             cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"attn_implementation": attention})})
         self.cfg, self.topo, self.stage = cfg, topo, stage
         self.out = Path(cfg.output_dir)
+        self.started = time.monotonic()
+        self.stop = stop or StopRequest()
+        refs = self._open_run(resume_from)
+        universal = resume_from is not None and self.ckpt.needs_universal(resume_from)
+        if universal:
+            self.ckpt.make_universal(resume_from)
+        ds_config = deepspeed_config(cfg, topo.world_size, load_universal=universal)
+        model, frozen = self._build(ds_config)
+        self._engines(model, frozen, ds_config)
+        self._restore(refs, resume_from, universal)
+        self._ready_loop(frozen, resume_from)
+
+    def _open_run(self, resume_from: Path | None) -> dict:
+        """The run directory, the data and the checkpointer; the references to the frozen models it starts from."""
+        cfg, topo = self.cfg, self.topo
         # The base's and the teacher's hashes read every weight file (unless their stamp cache is valid): rank 0
         # computes them, once for all ranks; a resume onto changed ones is refused before anything is written.
         refs = topo.from_main(lambda: model_refs(cfg))
         if resume_from is not None:
             check_base(cfg, resume_from, refs)
-        self.started = time.monotonic()
-        self.stop = stop or StopRequest()
         if cfg.train.keep_host_memory and topo.device.type == "cpu":
             keep_freed_host_memory()  # before the model and its first step allocate
-
         if topo.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(cfg.to_yaml())
@@ -131,25 +143,29 @@ class Trainer:
         self._check_same_data()
         if topo.is_main:
             self.data.tokenizer.save_pretrained(self.out / "tokenizer")
-
         self.hf_cfg = hf_config(cfg.model, vocab_size=len(self.data.tokenizer), seq_len=cfg.data.seq_len)
         self.ckpt = Checkpointer(self.out / "checkpoints", topo, cfg, self.data.tokenizer)
-        universal = resume_from is not None and self.ckpt.needs_universal(resume_from)
-        if universal:
-            self.ckpt.make_universal(resume_from)
-        ds_config = deepspeed_config(cfg, topo.world_size, load_universal=universal)
+        return refs
 
+    def _build(self, ds_config: dict) -> tuple[torch.nn.Module, dict[str, torch.nn.Module]]:
+        """The stage's model to train and its frozen models (a teacher), plain modules with frozen parts frozen."""
+        cfg, stage = self.cfg, self.stage
         self.n_params = count_parameters(self.hf_cfg)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank and world size
-        dtype = torch_dtype(cfg.precision)
+        self.dtype = torch_dtype(cfg.precision)
         # Split by AutoTP, the model (and a teacher) is built empty: each rank fills only its own shards
         # (materialize_shards).
-        with deferred_weights(topo.tp > 1):
-            model = self._under_zero_init(ds_config, lambda: stage.build_model(cfg, self.hf_cfg, dtype))
+        with deferred_weights(self.topo.tp > 1):
+            model = self._under_zero_init(ds_config, lambda: stage.build_model(cfg, self.hf_cfg, self.dtype))
             frozen = {}
             if hasattr(stage, "build_frozen"):
-                frozen = self._under_zero_init(ds_config, lambda: stage.build_frozen(cfg, dtype))
+                frozen = self._under_zero_init(ds_config, lambda: stage.build_frozen(cfg, self.dtype))
         self.trainable = trainable_summary(model)
+        return model, frozen
+
+    def _engines(self, model: torch.nn.Module, frozen: dict[str, torch.nn.Module], ds_config: dict) -> None:
+        """Wrap the models in DeepSpeed engines: split by tensor parallelism, partitioned by ZeRO, compiled."""
+        cfg, topo = self.cfg, self.topo
         # Each model's own plan (a teacher's architecture may differ from the student's).
         frozen_ds = {name: apply_plan(m, cfg, ds_config) if topo.tp > 1 else ds_config for name, m in frozen.items()}
         if topo.tp > 1:
@@ -163,31 +179,37 @@ class Trainer:
                 self.frozen[name] = build_engine(m, cfg, topo, frozen_ds[name])
         self.compiled = self._compile()
         if self.frozen:
-            stage.bind(self.frozen)
+            self.stage.bind(self.frozen)
         self.trains = self.trainable["trainable"] > 0  # else an engine without optimizer (see build_engine)
         # DeepSpeed reports no gradient norm for a plain fp32 optimizer (ZeRO-0): measure it ourselves.
         self.own_grad_norm = cfg.parallel.zero_stage == 0 and cfg.precision == "fp32"
         self.skip_nonfinite = cfg.train.nonfinite == "skip"
 
+    def _restore(self, refs: dict, resume_from: Path | None, universal: bool) -> None:
+        """The train state: fresh, or the checkpoint's (engine, step, data position, RNG streams)."""
+        cfg, topo = self.cfg, self.topo
         self.state = TrainState(world_size=topo.world_size, dp=topo.dp, tp=topo.tp, zero_stage=cfg.parallel.zero_stage,
                                 config_hash=cfg.identity_hash(), max_steps=cfg.train.max_steps,
                                 base=refs["base"], teacher=refs["teacher"])
         # What is frozen comes from the base again at every start; checkpoints hold what trains.
         self.ckpt.exclude_frozen = self.trainable["trainable"] < self.trainable["total"]
         self.ckpt.engine_state = self.trains
-        if resume_from is not None:
-            prev = self.ckpt.load(self.engine, resume_from, universal)
-            self.state.step, self.state.samples_seen, self.state.tokens_seen = prev.step, prev.samples_seen, prev.tokens_seen
-            self.state.run_id = prev.run_id
-            log_main(f"resumed from {resume_from} at step {prev.step} (saved with dp={prev.dp}, now dp={topo.dp})")
-            if prev.max_steps and prev.max_steps != cfg.train.max_steps:
-                log_main(f"train.max_steps raised from {prev.max_steps} to {cfg.train.max_steps}: the learning-rate "
-                         f"schedule is recomputed for {cfg.train.max_steps} steps")
-            if universal:  # the saved per-rank RNG streams belong to another layout: start fresh ones
-                torch.manual_seed(cfg.seed + topo.rank + 1_000_003 * prev.step)
-        else:
+        if resume_from is None:
             torch.manual_seed(cfg.seed + topo.rank)  # per-rank streams (dropout) from here on
+            return
+        prev = self.ckpt.load(self.engine, resume_from, universal)
+        self.state.step, self.state.samples_seen, self.state.tokens_seen = prev.step, prev.samples_seen, prev.tokens_seen
+        self.state.run_id = prev.run_id
+        log_main(f"resumed from {resume_from} at step {prev.step} (saved with dp={prev.dp}, now dp={topo.dp})")
+        if prev.max_steps and prev.max_steps != cfg.train.max_steps:
+            log_main(f"train.max_steps raised from {prev.max_steps} to {cfg.train.max_steps}: the learning-rate "
+                     f"schedule is recomputed for {cfg.train.max_steps} steps")
+        if universal:  # the saved per-rank RNG streams belong to another layout: start fresh ones
+            torch.manual_seed(cfg.seed + topo.rank + 1_000_003 * prev.step)
 
+    def _ready_loop(self, frozen: dict[str, torch.nn.Module], resume_from: Path | None) -> None:
+        """The sampler, the FLOP counts behind MFU, the layout and start-up lines, the metrics and sample traces."""
+        cfg, topo = self.cfg, self.topo
         self.sampler = GlobalBatchSampler(len(self.data.train), cfg.train.global_batch_size,
                                           cfg.train.micro_batch_size, topo.dp, topo.dp_rank, cfg.seed)
         self.device = topo.device
@@ -197,14 +219,15 @@ class Trainer:
         for m in frozen.values():  # their forward passes are work done for every token too
             self.flops_per_token += forward_flops_per_token(m.config, cfg.data.seq_len)
         shape = matmul_shape(self.hf_cfg, cfg.train.micro_batch_size * cfg.data.seq_len, topo.tp)
-        peak = cfg.metrics.peak_tflops or topo.max(measure_peak_tflops(dtype, shape))  # the devices are alike: the best
+        # the devices are alike: the best
+        peak = cfg.metrics.peak_tflops or topo.max(measure_peak_tflops(self.dtype, shape))
         self.peak_flops = peak * 1e12 * topo.world_size
         self._write_layout()  # before the progress bar starts drawing
         log_main(format_summary(self.trainable))
         log_main(
-            f"{stage.name}: {self.n_params / 1e6:.2f}M params, world={topo.world_size} (dp={topo.dp} x tp={topo.tp}), "
-            f"ZeRO-{cfg.parallel.zero_stage}, {cfg.precision}, grad accum {cfg.grad_accum_steps(topo.world_size)}, "
-            f"{len(self.data.train)} train blocks of {cfg.data.seq_len} tokens"
+            f"{self.stage.name}: {self.n_params / 1e6:.2f}M params, world={topo.world_size} (dp={topo.dp} x "
+            f"tp={topo.tp}), ZeRO-{cfg.parallel.zero_stage}, {cfg.precision}, grad accum "
+            f"{cfg.grad_accum_steps(topo.world_size)}, {len(self.data.train)} train blocks of {cfg.data.seq_len} tokens"
         )
         self.metrics = MetricsLogger(self.out, topo.is_main, tensorboard=cfg.metrics.tensorboard,
                                      progress_bar=cfg.metrics.progress_bar, total_steps=cfg.train.max_steps,
@@ -407,35 +430,9 @@ class Trainer:
         skipped, grad_norm = 0, None
         step = self.state.step + 1
         for i, batch in enumerate(batches):
-            self.topo.mark(step, i, "forward")
-            if not self.trains:  # nothing trainable (a frozen control run): measure the loss, change nothing
-                with torch.no_grad():
-                    total += self._forward(self.stage.loss, batch).total.float()
-                continue
-            out = self._forward(self.stage.loss, batch)
-            if faults.at("step", self.topo.rank, step) == "nan":
-                out.total = out.total * float("nan")
-            # Under train.nonfinite=skip every micro-batch is checked (a sync per micro-batch); under
-            # stop the step's summed loss is checked once below, before anything is saved.
-            if self.skip_nonfinite and self.topo.any(not bool(torch.isfinite(out.total))):
-                skipped += 1
-                log_main(f"step {step}: a micro-batch's loss is not finite; "
-                         "left out of the step (train.nonfinite=skip)")
-                # Every rank redoes the micro-step with no target (zero gradient), so the collectives
-                # of ZeRO-3 and of the gradient reduction stay matched across ranks.
-                ignored = dict(batch, labels=torch.full_like(batch["labels"], IGNORE_INDEX))
-                loss = self.stage.loss(self.engine, ignored).total * 0.0
-            else:
-                loss = out.total * scale
-                total += out.total.detach().float()
-                for k, v in out.parts.items():
-                    parts[k] = parts.get(k, 0) + v.detach().float()
-            self.topo.mark(step, i, "backward")
-            self.engine.backward(loss)
-            if i == len(batches) - 1 and self.own_grad_norm:
-                grad_norm = _grad_norm(self.engine)  # reduced gradients, before the step consumes them
-            self.topo.mark(step, i, "step")
-            self.engine.step()
+            left_out, norm = self._micro_step(step, i, batch, scale, total, parts, last=i == len(batches) - 1)
+            skipped += left_out
+            grad_norm = norm if norm is not None else grad_norm
         if self.trace is not None:
             self.trace.write(json.dumps({"step": self.state.step, "rank": self.topo.rank,
                                          "indices": [int(i) for ix in micro for i in ix]}) + "\n")
@@ -467,6 +464,42 @@ class Trainer:
         if skipped:
             record["skipped_micro_batches"] = skipped
         return record
+
+    def _micro_step(self, step: int, i: int, batch: dict, scale: float, total: torch.Tensor,
+                    parts: dict[str, torch.Tensor], last: bool) -> tuple[bool, float | None]:
+        """Forward, backward and (at the accumulation boundary) the optimizer step of one micro-batch.
+
+        Adds its loss to ``total`` and its components to ``parts``; returns whether it was left out
+        (``train.nonfinite=skip``) and the gradient norm when the loop measures it itself.
+        """
+        self.topo.mark(step, i, "forward")
+        if not self.trains:  # nothing trainable (a frozen control run): measure the loss, change nothing
+            with torch.no_grad():
+                total += self._forward(self.stage.loss, batch).total.float()
+            return False, None
+        out = self._forward(self.stage.loss, batch)
+        if faults.at("step", self.topo.rank, step) == "nan":
+            out.total = out.total * float("nan")
+        # Under train.nonfinite=skip every micro-batch is checked (a sync per micro-batch); under
+        # stop the step's summed loss is checked once in train_step, before anything is saved.
+        left_out = self.skip_nonfinite and self.topo.any(not bool(torch.isfinite(out.total)))
+        if left_out:
+            log_main(f"step {step}: a micro-batch's loss is not finite; left out of the step (train.nonfinite=skip)")
+            # Every rank redoes the micro-step with no target (zero gradient), so the collectives
+            # of ZeRO-3 and of the gradient reduction stay matched across ranks.
+            ignored = dict(batch, labels=torch.full_like(batch["labels"], IGNORE_INDEX))
+            loss = self.stage.loss(self.engine, ignored).total * 0.0
+        else:
+            loss = out.total * scale
+            total += out.total.detach().float()
+            for k, v in out.parts.items():
+                parts[k] = parts.get(k, 0) + v.detach().float()
+        self.topo.mark(step, i, "backward")
+        self.engine.backward(loss)
+        grad_norm = _grad_norm(self.engine) if last and self.own_grad_norm else None  # before the step consumes them
+        self.topo.mark(step, i, "step")
+        self.engine.step()
+        return left_out, grad_norm
 
     def _stop_nonfinite(self, step: int) -> None:
         last = latest_checkpoint(self.ckpt.root)
