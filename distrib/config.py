@@ -16,6 +16,7 @@ import difflib
 import hashlib
 import json
 import math
+import os
 import re
 import typing
 from pathlib import Path
@@ -272,12 +273,17 @@ class ModelConfig(_Section):
         return self
 
 
+#: The files ``data.train_files`` and ``data.validation_files`` may name (read by :mod:`distrib.readers`).
+DATA_FILE_TYPES = ".txt/.jsonl/.json/.csv/.parquet (the first four also compressed as .gz/.bz2/.xz)"
+
+
 class DataConfig(_Section):
     """Where text comes from, how it is tokenized and packed.
 
     ``source``: ``builtin`` (an offline corpus built from this Python's standard library; ``name`` picks
-    the domain, ``code``, ``prose`` or ``instruct``), ``files`` (local text/jsonl/json/parquet, ``train_files`` and optional
-    ``validation_files``) or ``hub`` (``name`` is a Hugging Face dataset id, for clusters with network).
+    the domain, ``code``, ``prose`` or ``instruct``), ``files`` (local files, ``train_files`` and optional
+    ``validation_files``, each a list of paths and globs of :data:`DATA_FILE_TYPES`) or ``hub`` (``name`` is a
+    Hugging Face dataset id, for clusters with network).
 
     ``format``: ``text`` (documents in ``text_field``, packed back to back for pretraining) or
     ``prompt_response`` (rows with ``prompt_field`` and ``response_field``; the loss is on the responses
@@ -319,7 +325,7 @@ class DataConfig(_Section):
                 f"data.prompt_field and data.response_field are both {self.prompt_field!r}; name two different fields"
             )
         if self.source == "files" and not self.train_files:
-            raise ConfigError("data.source=files needs data.train_files (a list of .txt/.jsonl/.json/.parquet paths or globs)")
+            raise ConfigError(f"data.source=files needs data.train_files, a list of paths or globs of data files: {DATA_FILE_TYPES}")
         if self.source == "hub" and not self.name:
             raise ConfigError("data.source=hub needs data.name, a Hugging Face dataset id such as 'HuggingFaceFW/fineweb'")
         return self
@@ -937,7 +943,11 @@ class Config(_Section):
         if self.data.source == "files":
             for key in ("train_files", "validation_files"):
                 for pattern in getattr(self.data, key):
-                    if not glob.glob(pattern):
+                    pattern = os.path.expanduser(pattern)
+                    # A "**" matches no directory too, which glob.glob does only with recursive=True, and
+                    # that follows a link loop around; distrib.readers expands it, loop-safe, when the
+                    # data is prepared (still before any worker starts).
+                    if "**" not in pattern and not glob.glob(pattern):
                         raise ConfigError(f"data.{key}: {pattern!r} matches no file; fix the path or glob")
 
     def identity_hash(self) -> str:
