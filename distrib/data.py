@@ -5,7 +5,8 @@ blocks of exactly ``seq_len`` tokens. :func:`prepare_data` runs it once per data
 and caches the result on disk, so repeated runs and the ranks of one run share the work.
 
 Preparation runs in memory bounded by constants, not by the corpus: text files are parsed in 1 MB
-chunks, tokenized a batch of documents at a time into an Arrow file, packed as a stream, and the
+chunks, tokenized a batch of documents at a time into an Arrow file (a long document in pieces of
+``_TOKENIZE_CHARS`` characters, see :func:`_token_ids`), packed as a stream, and the
 pages of every memory-mapped file a pass reads are released behind it (:func:`_release_pages`);
 ``distrib prepare-data`` runs it alone, e.g. on a login node before a job. The processes that want the
 same cache while it is built (the ranks of a job) tokenize it together (:func:`_tokenize`).
@@ -35,9 +36,11 @@ import fcntl
 import hashlib
 import inspect
 import io
+import itertools
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import sys
@@ -77,6 +80,18 @@ _CACHE_FORMAT = 1
 #: lie all over the file, and each maps some 64 KiB around it, so this bounds the resident text to
 #: about 16 MB.
 _TOKENIZE_BATCH = 256
+
+#: Characters of text the tokenizer is given at once (:func:`_token_ids`): a longer document is cut
+#: into pieces (:func:`_pieces`), shorter ones go together. A fast tokenizer holds some 200 bytes per
+#: character while it works (offsets, alignments, token strings), so this bounds that to about 50 MB
+#: however long a document is, where a 30 MB one-line corpus took 6 GB.
+_TOKENIZE_CHARS = 1 << 16
+
+#: Where a long text may be cut between two tokenizer calls: a space, tab or newline after a
+#: non-space character. Byte-level BPE's pre-tokenizer (GPT-2's pattern) splits every text there: no
+#: pre-token holds a whitespace character after a non-space one, and the pre-tokens from there on
+#: do not depend on what came before; so the pieces' tokens are the whole text's.
+_CUT = re.compile(r"(?<=\S)[ \t\n]")
 
 #: Below this many documents per worker, starting tokenizing processes costs more than it saves.
 _MIN_DOCS_PER_PROC = 1000
@@ -590,7 +605,9 @@ def load_or_train_tokenizer(cfg: DataConfig, train_texts: Iterable[str]) -> PreT
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte encodable, so no unk
         show_progress=False,
     )
-    bpe.train_from_iterator(_first_chars(train_texts, _TOKENIZER_TRAIN_CHARS), trainer=trainer)
+    # In pieces, as they are tokenized: the same words to count, and bounded memory for a long document.
+    texts = _first_chars(train_texts, _TOKENIZER_TRAIN_CHARS)
+    bpe.train_from_iterator((piece for text in texts for piece in _pieces(text, _TOKENIZE_CHARS)), trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=bpe,
         bos_token=EOT,
@@ -1245,10 +1262,68 @@ def _tokenize_shard(docs: Dataset, tokenizer: PreTrainedTokenizerFast, pairs: bo
 
 
 def _encode(batch: dict, tokenizer: PreTrainedTokenizerFast) -> dict:
-    # No special tokens: packing adds the single eos after each document itself. verbose=False
-    # silences the "longer than model_max_length" warning, which is meaningless before packing.
-    ids = tokenizer(batch["text"], add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
-    return {"input_ids": ids}
+    return {"input_ids": _token_ids(batch["text"], tokenizer)}
+
+
+def _token_ids(texts: list[str], tokenizer: PreTrainedTokenizerFast) -> pa.ListArray:
+    """The ids of each of ``texts`` as a ``list<int32>`` array, the tokenizer given ``_TOKENIZE_CHARS`` at a time.
+
+    A text longer than that is tokenized in pieces (:func:`_pieces`), cut where the trained byte-level
+    BPE gives the same ids as for the whole text; another tokenizer (``data.tokenizer``) does too
+    unless it treats the start of a text specially (a prefix space), and then at most the tokens
+    next to a cut differ. The ids go to numpy as each call returns, not into lists of Python ints.
+    """
+    counts = np.zeros(len(texts), dtype=np.int64)
+    values = [np.zeros(0, dtype=np.int32)]
+    for owners, group in _piece_groups(texts, _TOKENIZE_CHARS):
+        # No special tokens: packing adds the single eos after each document itself. verbose=False
+        # silences the "longer than model_max_length" warning, which is meaningless before packing.
+        ids = tokenizer(group, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        np.add.at(counts, owners, lengths)
+        values.append(np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum())))
+    offsets = np.zeros(len(texts) + 1, dtype=np.int32)
+    offsets[1:] = np.cumsum(counts)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.concatenate(values)))
+
+
+def _piece_groups(texts: list[str], limit: int) -> Iterator[tuple[list[int], list[str]]]:
+    """``(owners, pieces)``: the pieces of ``texts`` in order, gathered up to ``limit`` characters, each with its text's index."""
+    owners: list[int] = []
+    group: list[str] = []
+    size = 0
+    for i, text in enumerate(texts):
+        for piece in _pieces(text, limit):
+            if group and size + len(piece) > limit:
+                yield owners, group
+                owners, group, size = [], [], 0
+            owners.append(i)
+            group.append(piece)
+            size += len(piece)
+    if group:
+        yield owners, group
+
+
+def _pieces(text: str, limit: int) -> Iterator[str]:
+    """``text`` in consecutive pieces of at most ``limit`` characters (at least half that, but the last).
+
+    Each cut is the last place of the piece's second half where ``_CUT`` matches; a piece without
+    one (a run of ``limit / 2`` characters without a space, tab or newline) is cut at ``limit``.
+    """
+    start = 0
+    while len(text) - start > limit:
+        lo, hi = start + limit // 2 + 1, start + limit + 1  # the cut, the next piece's first character, in [lo, hi)
+        cut, end, span = hi - 1, hi, 256  # a hard cut, unless a match is found searching back from hi
+        while end > lo:
+            begin = max(lo, end - span)
+            found = [m.start() for m in _CUT.finditer(text, begin, end)]
+            if found:
+                cut = found[-1]
+                break
+            end, span = begin, span * 4
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
 
 
 #: Tokens per piece of the packed stream that :func:`_pack` holds at once (its working arrays take
@@ -1378,12 +1453,17 @@ _PACK_CHUNK_TOKENS = 1 << 22
 def _encode_pairs(batch: dict, tokenizer: PreTrainedTokenizerFast) -> dict:
     # Prompt and response are tokenized apart, so the boundary between them (where the labels
     # start) falls between tokens; joint tokenization could merge its two sides into one token.
-    prompts = tokenizer(batch["prompt"], add_special_tokens=False, return_attention_mask=False, verbose=False)
-    responses = tokenizer(batch["response"], add_special_tokens=False, return_attention_mask=False, verbose=False)
-    eos = [tokenizer.eos_token_id]
+    prompts, responses = _token_ids(batch["prompt"], tokenizer), _token_ids(batch["response"], tokenizer)
+    p, r = prompts.offsets.to_numpy(), responses.offsets.to_numpy()
+    p_ids, r_ids = prompts.values.to_numpy(), responses.values.to_numpy()
+    eos = np.array([tokenizer.eos_token_id], dtype=np.int32)
+    examples = [np.concatenate([p_ids[p[i] : p[i + 1]], r_ids[r[i] : r[i + 1]], eos]) for i in range(len(prompts))]
+    offsets = np.zeros(len(examples) + 1, dtype=np.int32)
+    offsets[1:] = np.cumsum([len(e) for e in examples])
+    flat = np.concatenate(examples) if examples else np.zeros(0, dtype=np.int32)
     return {
-        "input_ids": [p + r + eos for p, r in zip(prompts["input_ids"], responses["input_ids"])],
-        "prompt_len": [len(p) for p in prompts["input_ids"]],
+        "input_ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat)),
+        "prompt_len": pa.array(np.diff(p), type=pa.int32()),
     }
 
 
