@@ -823,7 +823,7 @@ def _cache_key(cfg: DataConfig) -> tuple[str, dict]:
 
 def _file_stamps(patterns: list[str], key: str) -> list[list]:
     stamps = []
-    for path in expand(patterns, key):
+    for path in expand(patterns, key, warn=False):  # load_text says which files were matched again
         st = os.stat(path)
         stamps.append([os.path.abspath(path), st.st_size, st.st_mtime_ns])
     return stamps

@@ -108,14 +108,14 @@ def is_string_type(kind: pa.DataType) -> bool:
 # -- which files -----------------------------------------------------------------------------------
 
 
-def expand(patterns: list[str], key: str) -> list[str]:
+def expand(patterns: list[str], key: str, warn: bool = True) -> list[str]:
     """Paths and globs -> existing data files, in the listed order (each glob's matches sorted), each file once.
 
     A ``**`` matches directories at any depth, as in ``glob.glob(recursive=True)``, but a directory is
     entered once however many links lead to it: a link back up the tree (a loop) is not followed
     around and around. A file matched again (through a link, or by a second pattern) is read once,
     under the first of its paths; files are told apart by their real path, not their content, so two
-    copies of a text are two files.
+    copies of a text are two files. With ``warn``, the files matched again are logged.
 
     Raises:
         ConfigError: a path that does not exist or is a directory, a glob matching no file, or
@@ -145,7 +145,7 @@ def expand(patterns: list[str], key: str) -> list[str]:
                 continue
             seen.add(real)
             files.append(path)
-    if again:
+    if again and warn:
         logger.warning("%s: %d matches are files matched before (through links or by another pattern), read once: %s",
                        key, len(again), names(again))
     return files
@@ -204,14 +204,16 @@ def _glob_hint(directory: str) -> str:
     """A glob for the data files of ``directory``: ``*`` of the most common data suffix at its top, else ``**/*`` of one below."""
     for depth, pattern in ((0, "*"), (1, os.path.join("**", "*"))):
         counts: dict[str, int] = {}
+        looked = 0
         # A look at the first entries is enough for a hint; os.walk follows no link, so no loop.
-        for root, subdirs, files in os.walk(directory):
+        for _, subdirs, files in os.walk(directory):
             subdirs[:] = sorted(d for d in subdirs if not d.startswith(".")) if depth else []
             for name in sorted(files)[:1000]:
                 suffix = data_suffix(name)
                 if suffix:
                     counts[suffix] = counts.get(suffix, 0) + 1
-            if sum(counts.values()) >= 1000:
+            looked += len(files) + 1
+            if looked >= 10_000:
                 break
         if counts:
             return os.path.join(directory.rstrip("/") or "/", pattern + max(counts, key=counts.get))
@@ -245,7 +247,7 @@ def file_format(path: str, key: str) -> tuple[str, str]:
         if inner not in _LOADERS:
             raise ConfigError(
                 f"{key}: {path!r} is compressed, but its name does not say what it holds; "
-                f"name it after its contents, e.g. {Path(path).stem}.txt{last} or .jsonl{last}"
+                f"name it after its contents, e.g. {Path(path).stem}.txt{last} or {Path(path).stem}.jsonl{last}"
             )
         return inner, last
     if last in _LOADERS:

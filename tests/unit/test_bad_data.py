@@ -282,7 +282,7 @@ def test_binary_inside_a_compressed_file(tmp_path):
                      "bzip2 or xz (.gz/.bz2/.xz)"),
     ("docs.parquet.gz", "is a compressed Parquet file; Parquet compresses its own pages, so give it uncompressed"),
     ("docs.gz", "is compressed, but its name does not say what it holds; name it after its contents, "
-                "e.g. docs.txt.gz or .jsonl.gz"),
+                "e.g. docs.txt.gz or docs.jsonl.gz"),
 ], ids=["zstd", "parquet-gz", "no-inner-suffix"])
 def test_compressed_file_of_no_readable_kind(tmp_path, name, problem):
     bad = tmp_path / name
