@@ -83,8 +83,8 @@ _TOKENIZE_BATCH = 256
 
 #: Characters of text the tokenizer is given at once (:func:`_token_ids`): a longer document is cut
 #: into pieces (:func:`_pieces`), shorter ones go together. A fast tokenizer holds some 200 bytes per
-#: character while it works (offsets, alignments, token strings), so this bounds that to about 50 MB
-#: however long a document is, where a 30 MB one-line corpus took 6 GB.
+#: token while it works (offsets, alignments, token strings), and BPE training as much per word, so
+#: this keeps both to some tens of MB however long a document is (a 30 MB one-line corpus took 6 GB).
 _TOKENIZE_CHARS = 1 << 16
 
 #: Where a long text may be cut between two tokenizer calls: a space, tab or newline after a
