@@ -11,7 +11,7 @@ Keys that only steer *this* invocation (how long it runs, how often it logs) are
 checkpoint so that a resume with a changed model, data or optimizer is refused.
 """
 
-from distrib.config.data import DataConfig
+from distrib.config.data import DATA_FILE_TYPES, DataConfig
 from distrib.config.distill import COMPONENTS, DistillConfig, DistillLossConfig, StudentConfig
 from distrib.config.fields import Float, Int, PathStr
 from distrib.config.finetune import FinetuneConfig, FreezeConfig, LoraConfig
@@ -38,6 +38,7 @@ __all__ = [
     "CheckpointConfig",
     "Config",
     "ConfigError",
+    "DATA_FILE_TYPES",
     "DataConfig",
     "DistillConfig",
     "DistillLossConfig",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -12,12 +13,17 @@ from distrib.config.fields import Float, Int, PathStr, _Section
 from distrib.errors import ConfigError
 
 
+#: The files ``data.train_files`` and ``data.validation_files`` may name (read by :mod:`distrib.data.readers`).
+DATA_FILE_TYPES = ".txt/.jsonl/.json/.csv/.parquet (the first four also compressed as .gz/.bz2/.xz)"
+
+
 class DataConfig(_Section):
     """Where text comes from, how it is tokenized and packed.
 
     ``source``: ``builtin`` (an offline corpus built from this Python's standard library; ``name`` picks
-    the domain, ``code``, ``prose`` or ``instruct``), ``files`` (local text/jsonl/json/parquet, ``train_files`` and optional
-    ``validation_files``) or ``hub`` (``name`` is a Hugging Face dataset id, for clusters with network).
+    the domain, ``code``, ``prose`` or ``instruct``), ``files`` (local files, ``train_files`` and optional
+    ``validation_files``, each a list of paths and globs of :data:`DATA_FILE_TYPES`) or ``hub`` (``name`` is a
+    Hugging Face dataset id, for clusters with network).
 
     ``format``: ``text`` (documents in ``text_field``, packed back to back for pretraining) or
     ``prompt_response`` (rows with ``prompt_field`` and ``response_field``; the loss is on the responses
@@ -59,7 +65,7 @@ class DataConfig(_Section):
                 f"data.prompt_field and data.response_field are both {self.prompt_field!r}; name two different fields"
             )
         if self.source == "files" and not self.train_files:
-            raise ConfigError("data.source=files needs data.train_files (a list of .txt/.jsonl/.json/.parquet paths or globs)")
+            raise ConfigError(f"data.source=files needs data.train_files, a list of paths or globs of data files: {DATA_FILE_TYPES}")
         if self.source == "hub" and not self.name:
             raise ConfigError("data.source=hub needs data.name, a Hugging Face dataset id such as 'HuggingFaceFW/fineweb'")
         return self
@@ -71,5 +77,9 @@ class DataConfig(_Section):
         if self.source == "files":
             for key in ("train_files", "validation_files"):
                 for pattern in getattr(self, key):
-                    if not glob.glob(pattern):
+                    pattern = os.path.expanduser(pattern)
+                    # A "**" matches no directory too, which glob.glob does only with recursive=True, and
+                    # that follows a link loop around; distrib.data.readers expands it, loop-safe, when the
+                    # data is prepared (still before any worker starts).
+                    if "**" not in pattern and not glob.glob(pattern):
                         raise ConfigError(f"data.{key}: {pattern!r} matches no file; fix the path or glob")

@@ -5,7 +5,8 @@ blocks of exactly ``seq_len`` tokens. :func:`prepare_data` runs it once per data
 and caches the result on disk, so repeated runs and the ranks of one run share the work.
 
 Preparation runs in memory bounded by constants, not by the corpus: text files are parsed in 1 MB
-chunks, tokenized a batch of documents at a time into an Arrow file, packed as a stream, and the
+chunks, tokenized a batch of documents at a time into an Arrow file (a long document in pieces of
+``_TOKENIZE_CHARS`` characters, see :func:`_token_ids`), packed as a stream, and the
 pages of every memory-mapped file a pass reads are released behind it (:func:`_release_pages`);
 ``distrib prepare-data`` runs it alone, e.g. on a login node before a job. The processes that want the
 same cache while it is built (the ranks of a job) tokenize it together (:func:`_tokenize`).
@@ -15,9 +16,10 @@ token a target (pretraining); ``prompt_response`` packs whole prompt/response ex
 blocks with ``input_ids`` and ``labels``, where ``labels`` is ``-100`` on prompt and padding positions
 so that only the responses (and their eos) are learned (fine-tuning). See :func:`_pack_examples`.
 
-Data files are checked before ``datasets`` reads them, so bad data (an empty, binary, non-UTF-8 or
-malformed file, a directory, a wrong ``data.tokenizer``) is refused with a one-line
-:class:`~distrib.config.ConfigError` naming the key, the file and line, and the fix.
+Data files are checked before ``datasets`` reads them (:mod:`distrib.data.readers`), so bad data (an empty,
+binary, non-UTF-8, malformed or corrupt compressed file, a ``null`` text, a directory, a wrong
+``data.tokenizer``) is refused with a one-line :class:`~distrib.config.ConfigError` naming the key, the
+file and line, and the fix.
 
 Training reads the blocks through :class:`GlobalBatchSampler`, whose position in the data is a single
 *global sample index*: a run resumed with a different data-parallel size continues exactly where it
@@ -27,18 +29,18 @@ stopped, seeing every sample of an epoch once.
 from __future__ import annotations
 
 import ast
-import codecs
 import ctypes
 import ctypes.util
 import dataclasses
 import fcntl
-import glob
 import hashlib
 import inspect
 import io
+import itertools
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import sys
@@ -53,11 +55,9 @@ from typing import TypeVar
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import tokenizers
 import torch
-from datasets import Dataset, DatasetDict, Features, List, Value, concatenate_datasets, load_dataset, load_from_disk
-from datasets.exceptions import DatasetGenerationError
+from datasets import Dataset, DatasetDict, Features, List, Value, concatenate_datasets, load_from_disk
 from datasets.table import InMemoryTable
 from filelock import FileLock, Timeout
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -65,6 +65,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from distrib import faults
 from distrib.config import ConfigError, DataConfig
+from distrib.data.readers import Fields, check_file, expand, is_string_type, load_files, loader, names
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +80,18 @@ _CACHE_FORMAT = 1
 #: lie all over the file, and each maps some 64 KiB around it, so this bounds the resident text to
 #: about 16 MB.
 _TOKENIZE_BATCH = 256
+
+#: Characters of text the tokenizer is given at once (:func:`_token_ids`): a longer document is cut
+#: into pieces (:func:`_pieces`), shorter ones go together. A fast tokenizer holds some 200 bytes per
+#: token while it works (offsets, alignments, token strings), and BPE training as much per word, so
+#: this keeps both to some tens of MB however long a document is (a 30 MB one-line corpus took 6 GB).
+_TOKENIZE_CHARS = 1 << 16
+
+#: Where a long text may be cut between two tokenizer calls: a space, tab or newline after a
+#: non-space character. Byte-level BPE's pre-tokenizer (GPT-2's pattern) splits every text there: no
+#: pre-token holds a whitespace character after a non-space one, and the pre-tokens from there on
+#: do not depend on what came before; so the pieces' tokens are the whole text's.
+_CUT = re.compile(r"(?<=\S)[ \t\n]")
 
 #: Below this many documents per worker, starting tokenizing processes costs more than it saves.
 _MIN_DOCS_PER_PROC = 1000
@@ -100,24 +113,6 @@ _INSTRUCT_MAX_CHARS = 2000
 #: packages, test suites (some deliberately broken or Python 2), bytecode, the pydoc topic data
 #: (that is the prose corpus) and the build configuration (``config-3.x-<platform>``).
 _EXCLUDED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "pydoc_data", "__pycache__"}
-
-_LOADERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-
-#: Data files are checked in chunks of this size, so a multi-GB file never sits in memory whole.
-_READ_CHUNK = 1 << 20
-
-#: A NUL byte this close to the start marks a binary file (the test ``grep`` and ``git`` make);
-#: UTF-8 text practically never holds one, and most binary formats have one in their header.
-_SNIFF_BYTES = 8192
-
-#: Byte-order marks of the encodings whose text is full of NULs, checked before the NUL test so
-#: that such a file is named for what it is; UTF-32 first, its LE mark starts with UTF-16's.
-_BOMS = (
-    (codecs.BOM_UTF32_LE, "UTF-32"),
-    (codecs.BOM_UTF32_BE, "UTF-32"),
-    (codecs.BOM_UTF16_LE, "UTF-16"),
-    (codecs.BOM_UTF16_BE, "UTF-16"),
-)
 
 #: Files of which a ``save_pretrained`` tokenizer directory holds at least one.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
@@ -415,43 +410,17 @@ def _split_by_hash(docs: dict[str, _Doc], fraction: float) -> dict[str, list[_Do
 # -- loading text ------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Fields:
-    """What a JSON row or Parquet file must hold under ``data.format``.
-
-    Attributes:
-        roles: ``(role, field, config key)`` per field: one for ``text`` (the text), two for
-            ``prompt_response`` (prompt, response).
-    """
-
-    roles: tuple[tuple[str, str, str], ...]
-
-    @property
-    def pairs(self) -> bool:
-        """Prompt/response rows, whose ``null`` values are refused rather than read as empty text.
-
-        A ``null`` text is an empty document, dropped like an empty string; an example missing
-        its prompt or response is broken, and silently training on half of it (or skipping it)
-        would hide that.
-        """
-        return len(self.roles) == 2
-
-    def described(self) -> str:
-        """``the text in 'text' (data.text_field)``, or the prompt and response fields alike."""
-        return " and ".join(f"the {role} in {field!r} ({config_key})" for role, field, config_key in self.roles)
-
-
 def _format(cfg: DataConfig) -> str:
     """The effective ``data.format``: the built-in ``instruct`` corpus is prompt/response whatever it says."""
     return "prompt_response" if cfg.source == "builtin" and cfg.name == "instruct" else cfg.format
 
 
-def _fields(cfg: DataConfig) -> _Fields:
+def _fields(cfg: DataConfig) -> Fields:
     if _format(cfg) == "prompt_response":
-        return _Fields(
+        return Fields(
             (("prompt", cfg.prompt_field, "data.prompt_field"), ("response", cfg.response_field, "data.response_field"))
         )
-    return _Fields((("text", cfg.text_field, "data.text_field"),))
+    return Fields((("text", cfg.text_field, "data.text_field"),))
 
 
 def load_text(cfg: DataConfig, hf_cache: str | Path | None = None) -> DatasetDict:
@@ -462,11 +431,12 @@ def load_text(cfg: DataConfig, hf_cache: str | Path | None = None) -> DatasetDic
     ``response``, read from ``cfg.prompt_field`` and ``cfg.response_field``.
 
     Empty documents are dropped (prompt/response rows are all kept, an empty response still
-    teaches where a response ends). For ``files``, ``.txt`` files are read one paragraph (blank-line
-    separated block) per document, so line breaks inside a paragraph survive and a single text
-    file can still be split; jsonl/json/parquet rows are documents, their text in
-    ``cfg.text_field`` (a row whose text is ``null`` counts as empty). Every file is checked
-    before it is loaded (see :func:`_check_file`). Without validation files,
+    teaches where a response ends). For ``files`` (:mod:`distrib.data.readers`), ``.txt`` files are read
+    one paragraph (blank-line separated block) per document, so line breaks inside a paragraph
+    survive and a single text file can still be split; jsonl/json/csv/parquet rows are documents,
+    their text in ``cfg.text_field`` (a ``null`` text is refused, as a non-string one is). Each file
+    is read once however many paths or globs lead to it, and checked before any is loaded (see
+    :func:`distrib.data.readers.check_file`). Without validation files,
     ``cfg.validation_fraction`` of the train documents is split off with a fixed seed.
     ``cfg.max_documents`` then caps the train split (first N in that deterministic order),
     leaving validation unchanged so evaluations stay comparable. A hub dataset is streamed
@@ -481,9 +451,9 @@ def load_text(cfg: DataConfig, hf_cache: str | Path | None = None) -> DatasetDic
 
     Raises:
         ConfigError: one line naming the file (and line) for a missing, empty, binary,
-            non-UTF-8 or malformed file, a directory, a glob matching nothing, a missing or
-            non-string text (prompt, response) field, a ``.txt`` file for prompt/response data,
-            or too few documents to split off validation.
+            non-UTF-8, malformed or corrupt compressed file, a directory, a glob matching nothing, a
+            missing, ``null`` or non-string text (prompt, response) field, a ``.txt`` file for
+            prompt/response data, or too few documents to split off validation.
     """
     fields = _fields(cfg)
     if cfg.source == "builtin":
@@ -495,14 +465,14 @@ def load_text(cfg: DataConfig, hf_cache: str | Path | None = None) -> DatasetDic
             validation = Dataset.from_dict({"text": corpus["validation"]})
     elif cfg.source == "files":
         hf_cache = str(hf_cache if hf_cache is not None else _cache_root(cfg) / "hf_datasets")
-        train = _load_files(_expand(cfg.train_files, "data.train_files"), cfg, hf_cache, "data.train_files")
+        train = _load_files(expand(cfg.train_files, "data.train_files"), cfg, hf_cache, "data.train_files")
         if cfg.validation_files:
             validation = _load_files(
-                _expand(cfg.validation_files, "data.validation_files"), cfg, hf_cache, "data.validation_files"
+                expand(cfg.validation_files, "data.validation_files"), cfg, hf_cache, "data.validation_files"
             )
         else:
             train, validation = _split_off(
-                train, cfg.validation_fraction, f"data.train_files: {_names(cfg.train_files)}"
+                train, cfg.validation_fraction, f"data.train_files: {names(cfg.train_files)}"
             )
     else:  # hub: streamed, so max_documents stops the download (see distrib.data.hub)
         from distrib.data.hub import load_hub
@@ -514,57 +484,6 @@ def load_text(cfg: DataConfig, hf_cache: str | Path | None = None) -> DatasetDic
     return DatasetDict({"train": train, "validation": validation})
 
 
-def _expand(patterns: list[str], key: str) -> list[str]:
-    """Paths and globs -> existing files, in the listed order (each glob sorted).
-
-    Raises:
-        ConfigError: a path that does not exist or is a directory, a glob matching no file, or
-            a file of an unsupported format.
-    """
-    files = []
-    for pattern in patterns:
-        pattern = os.path.expanduser(pattern)
-        if glob.has_magic(pattern):
-            matches = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
-            if not matches:
-                raise ConfigError(f"{key}: {pattern!r} matches no file; fix the glob or the path")
-        elif os.path.isfile(pattern):
-            matches = [pattern]
-        elif os.path.isdir(pattern):
-            raise ConfigError(
-                f"{key}: {pattern!r} is a directory, not a file; "
-                f"name its files with a glob such as {_glob_hint(pattern)!r}"
-            )
-        else:
-            raise ConfigError(f"{key}: {pattern!r} does not exist; fix the path")
-        for path in matches:
-            if Path(path).suffix.lower() not in _LOADERS:
-                raise ConfigError(f"{key}: {path!r} is not .txt/.jsonl/.json/.parquet; convert it or remove it")
-        files += matches
-    return files
-
-
-def _glob_hint(directory: str) -> str:
-    """A glob for the data files of ``directory``: its most common supported extension, else ``*.txt``."""
-    counts: dict[str, int] = {}
-    try:
-        with os.scandir(directory) as entries:
-            for _, entry in zip(range(1000), entries):  # a look at the first entries is enough for a hint
-                suffix = Path(entry.name).suffix.lower()
-                if suffix in _LOADERS:
-                    counts[suffix] = counts.get(suffix, 0) + 1
-    except OSError:
-        pass
-    suffix = max(counts, key=counts.get) if counts else ".txt"
-    return os.path.join(directory.rstrip("/") or "/", f"*{suffix}")
-
-
-def _names(paths: list[str]) -> str:
-    """The first few of ``paths`` for a one-line message."""
-    shown = ", ".join(repr(p) for p in paths[:3])
-    return shown + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
-
-
 def _load_files(files: list[str], cfg: DataConfig, hf_cache: str, key: str) -> Dataset:
     """Load files of possibly mixed formats: one loader per format, formats in order of first appearance.
 
@@ -572,309 +491,30 @@ def _load_files(files: list[str], cfg: DataConfig, hf_cache: str, key: str) -> D
     it still fail, its error becomes one line too.
 
     Raises:
-        ConfigError: a bad file (see :func:`_check_file`), naming ``key``.
+        ConfigError: a bad file (see :func:`distrib.data.readers.check_file`), naming ``key``.
     """
     fields = _fields(cfg)
     for path in files:
-        _check_file(path, key, fields)
+        check_file(path, key, fields)
     groups: dict[str, list[str]] = {}
     for path in files:
-        groups.setdefault(_LOADERS[Path(path).suffix.lower()], []).append(path)
+        groups.setdefault(loader(path), []).append(path)
     parts = []
     for builder, paths in groups.items():
-        # Paragraphs are the same for any chunk size; the default 10 MB chunks, split into Python
-        # strings, would cost a few hundred MB at the peak, and fragment the heap more, the more there are.
-        extra = {"sample_by": "paragraph", "chunksize": _READ_CHUNK} if builder == "text" else {}
-        try:
-            ds = load_dataset(builder, data_files=paths, split="train", cache_dir=hf_cache, **extra)
-        except (DatasetGenerationError, pa.ArrowException, ValueError) as e:
-            # The checks above should leave nothing for this; keep the full story for --debug readers.
-            logger.debug("datasets failed to load %s", paths, exc_info=True)
-            cause = e.__cause__ or e
-            detail = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
-            raise ConfigError(
-                f"{key}: datasets could not read {_names(paths)} ({type(cause).__name__}: {detail}); "
-                "fix or remove the file"
-            ) from None
-        # The text loader always names its column "text" (and prompt/response data has no .txt files).
-        read = _Fields((("text", "text", "data.text_field"),)) if builder == "text" else fields
-        parts.append(_rows(ds, read, paths))
+        ds = load_files(paths, fields, hf_cache, key)
+        # Paragraphs come as a "text" column (and prompt/response data has no .txt files).
+        read = Fields((("text", "text", "data.text_field"),)) if builder == "text" else fields
+        parts.append(_rows(ds, read, names(paths)))
     return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
 
 
-def _check_file(path: str, key: str, fields: _Fields) -> None:
-    """Refuse a data file that ``datasets`` would choke on or that holds no text.
-
-    Runs before ``load_dataset`` sees the file, so a bad file fails with one line naming it (and
-    the line, for decoding and JSON errors) instead of a traceback from inside ``datasets``, and
-    leaves no half-written ``datasets`` cache behind. One streaming pass with bounded memory: a
-    chunk at a time for text, a line at a time for JSON Lines (a line is one document, which
-    ``datasets`` holds whole too), the footer only for Parquet. A ``.json`` file holding one
-    array is parsed whole, as ``datasets`` parses it.
-
-    Args:
-        path: the file.
-        key: the config key that listed it, which every message starts with.
-        fields: what a JSON or Parquet row must hold: its text in ``data.text_field``, or
-            its prompt and response in ``data.prompt_field`` and ``data.response_field``.
-
-    Raises:
-        ConfigError: the file is empty or only whitespace, unreadable, binary, not UTF-8,
-            not valid JSON Lines / a JSON array of objects, lacks a string field of ``fields``
-            (a ``null`` prompt or response counts as lacking it), is not a Parquet file with a
-            string column per field, or is a ``.txt`` file where prompt/response rows are needed.
-    """
-    try:
-        if os.path.getsize(path) == 0:
-            raise ConfigError(f"{key}: {path!r} is empty; put text in it or remove it from {key}")
-        suffix = Path(path).suffix.lower()
-        if suffix == ".parquet":
-            _check_parquet(path, key, fields)
-        elif suffix == ".txt" and fields.pairs:
-            raise ConfigError(
-                f"{key}: {path!r} is plain text, which has no prompt and response (data.format=prompt_response); "
-                f"give .jsonl/.json/.parquet rows with {fields.described()}"
-            )
-        elif suffix == ".txt":
-            _check_text(path, key)
-        else:
-            _check_json(path, key, fields)
-    except OSError as e:
-        raise ConfigError(
-            f"{key}: {path!r} cannot be read ({e.strerror or e}); fix its permissions or remove it"
-        ) from None
-
-
-def _check_not_binary(head: bytes, path: str, key: str) -> None:
-    """Refuse a file whose first bytes say it is UTF-16/32 or binary rather than UTF-8 text."""
-    for bom, encoding in _BOMS:
-        if head.startswith(bom):
-            raise ConfigError(
-                f"{key}: {path!r} is {encoding} text; convert it to UTF-8, e.g. with iconv -f {encoding} -t UTF-8"
-            )
-    if b"\0" in head[:_SNIFF_BYTES]:
-        raise ConfigError(
-            f"{key}: {path!r} is a binary file (it holds NUL bytes), not text; "
-            "give UTF-8 .txt/.jsonl/.json or .parquet files"
-        )
-
-
-def _not_utf8(path: str, key: str, line: int, data: bytes, pos: int) -> ConfigError:
-    """The error for the undecodable byte ``data[pos]``; ``line`` is the line ``data`` starts on."""
-    line += data[:pos].count(b"\n")
-    byte = f"byte 0x{data[pos]:02x}" if pos < len(data) else "a truncated character at the end"
-    return ConfigError(
-        f"{key}: {path!r} line {line} is not valid UTF-8 ({byte}); "
-        "convert the file to UTF-8, e.g. with iconv -f <its encoding> -t UTF-8"
-    )
-
-
-def _check_text(path: str, key: str) -> None:
-    """A ``.txt`` file must be UTF-8 with some non-whitespace text; decoded in chunks."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    line, has_text = 1, False
-    with open(path, "rb") as f:
-        _check_not_binary(f.read(_SNIFF_BYTES), path, key)
-        f.seek(0)
-        while True:
-            chunk = f.read(_READ_CHUNK)
-            # The decoder keeps the first bytes of a character split across two chunks; an error
-            # position counts from them, and they hold no newline (a newline is one ASCII byte).
-            pending = decoder.getstate()[0]
-            try:
-                text = decoder.decode(chunk, final=not chunk)
-            except UnicodeDecodeError as e:
-                raise _not_utf8(path, key, line, pending + chunk, e.start) from None
-            if not chunk:
-                break
-            has_text = has_text or (bool(text) and not text.isspace())
-            line += chunk.count(b"\n")
-    if not has_text:
-        raise ConfigError(f"{key}: {path!r} holds only whitespace; put text in it or remove it from {key}")
-
-
-def _check_json(path: str, key: str, fields: _Fields) -> None:
-    """A ``.jsonl``/``.json`` file must be JSON Lines of objects (or one array of them) holding ``fields``.
-
-    These are the two layouts the ``datasets`` JSON loader reads without being told a field.
-    Blank lines are skipped, as the loader skips them.
-    """
-    rows, has_text = 0, False
-    with open(path, "rb") as f:
-        head = f.read(_SNIFF_BYTES)
-        _check_not_binary(head, path, key)
-        f.seek(0)
-        if head.removeprefix(codecs.BOM_UTF8).lstrip().startswith(b"["):
-            _check_json_array(f.read().removeprefix(codecs.BOM_UTF8), path, key, fields)
-            return
-        for number, raw in enumerate(f, start=1):
-            if number == 1:
-                raw = raw.removeprefix(codecs.BOM_UTF8)  # the loader strips it too
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise _not_utf8(path, key, number, raw, e.start) from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line.rstrip("\r\n"))  # an error at the end then points into the line, not past it
-            except json.JSONDecodeError as e:
-                raise ConfigError(
-                    f"{key}: {path!r} line {number} is not valid JSON ({e.msg} at column {e.colno}); "
-                    "fix the line: a .jsonl file holds one JSON object per line"
-                ) from None
-            rows += 1
-            has_text = _row_has_text(row, fields, path, key, f"line {number}") or has_text
-    if not rows:
-        raise ConfigError(f"{key}: {path!r} holds only whitespace; put text in it or remove it from {key}")
-    if not has_text:
-        raise _no_text(path, key, fields)
-
-
-def _check_json_array(raw: bytes, path: str, key: str, fields: _Fields) -> None:
-    """A JSON file holding one array: of objects holding ``fields``, or of strings (a ``text`` column)."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise _not_utf8(path, key, 1, raw, e.start) from None
-    try:
-        items = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConfigError(
-            f"{key}: {path!r} line {e.lineno} is not valid JSON ({e.msg} at column {e.colno}); fix the file"
-        ) from None
-    has_text = False
-    for number, item in enumerate(items, start=1):
-        if isinstance(item, str) and not fields.pairs:  # the loader reads an array of strings as a "text" column
-            has_text = has_text or bool(item.strip())
-        else:
-            has_text = _row_has_text(item, fields, path, key, f"array item {number}") or has_text
-    if not has_text:
-        raise _no_text(path, key, fields)
-
-
-def _no_text(path: str, key: str, fields: _Fields) -> ConfigError:
-    values = " or ".join(f"{field!r} ({config_key})" for _, field, config_key in fields.roles)
-    return ConfigError(f"{key}: {path!r} has no non-empty {values} value; put text in it or remove it from {key}")
-
-
-def _json_kind(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):  # before int: bool is an int
-        return "boolean"
-    if isinstance(value, (int, float)):
-        return "number"
-    return {dict: "object", list: "array", str: "string"}.get(type(value), type(value).__name__)
-
-
-def _row_has_text(row: object, fields: _Fields, path: str, key: str, where: str) -> bool:
-    """Whether one JSON row has non-empty text in a field of ``fields``; a row that cannot be a document is refused.
-
-    A ``null`` text counts as empty (the document is dropped, as an empty string is); a ``null``
-    prompt or response is refused (see :attr:`_Fields.pairs`); anything else that is not a string
-    would make ``datasets`` fail or turn the column into non-text.
-    """
-    if not isinstance(row, dict):
-        raise ConfigError(
-            f"{key}: {path!r} {where} is a JSON {_json_kind(row)}, not an object; "
-            f"write one object per line with {fields.described()}"
-        )
-    has_text = False
-    for role, field, config_key in fields.roles:
-        if field not in row:
-            names = list(row)[:10]
-            raise ConfigError(
-                f"{key}: {path!r} {where} has no {field!r} field ({config_key}); "
-                f"its fields are {names}; set {config_key} or fix the line"
-            )
-        value = row[field]
-        if value is None and not fields.pairs:
-            continue
-        if not isinstance(value, str):
-            what = "null" if value is None else f"a {_json_kind(value)}"
-            fix = " (an empty one if there is none)" if value is None else ""
-            raise ConfigError(
-                f"{key}: {path!r} {where}: {field!r} ({config_key}) is {what}, not a string; "
-                f"store the {role} as a JSON string{fix}"
-            )
-        has_text = has_text or bool(value.strip())
-    return has_text
-
-
-def _check_parquet(path: str, key: str, fields: _Fields) -> None:
-    """A Parquet file must have rows and a string column per field of ``fields``; only its footer is read.
-
-    ``null`` prompts and responses are refused by the footer's null counts; a writer may leave
-    those out, so :func:`_pairs` counts again after loading.
-    """
-    with open(path, "rb") as f:
-        head = f.read(4)
-        f.seek(max(0, os.path.getsize(path) - 4))
-        tail = f.read(4)
-    if head != b"PAR1" or tail != b"PAR1":
-        raise ConfigError(
-            f"{key}: {path!r} is not a Parquet file (no PAR1 markers); convert it, or give it its real extension"
-        )
-    try:
-        meta = pq.read_metadata(path)
-        schema = meta.schema.to_arrow_schema()
-    except pa.ArrowException as e:
-        detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ConfigError(f"{key}: {path!r} is not a readable Parquet file ({detail}); rewrite it") from None
-    for role, field, config_key in fields.roles:
-        if field not in schema.names:
-            raise ConfigError(
-                f"{key}: {path!r} has no column {field!r} ({config_key}); its columns are {schema.names[:10]}; "
-                f"set {config_key}"
-            )
-        kind = schema.field(field).type
-        if not _is_string_type(kind):
-            raise ConfigError(
-                f"{key}: {path!r} column {field!r} ({config_key}) holds {kind}, not strings; "
-                f"set {config_key} to the {role} column"
-            )
-        nulls = _parquet_nulls(meta, field) if fields.pairs else 0
-        if nulls:
-            raise ConfigError(
-                f"{key}: {path!r} column {field!r} ({config_key}) is null in {nulls} rows; "
-                f"store every {role} as a string (an empty one if there is none)"
-            )
-    if meta.num_rows == 0:
-        raise ConfigError(f"{key}: {path!r} has no rows; put text in it or remove it from {key}")
-
-
-def _parquet_nulls(meta: pq.FileMetaData, field: str) -> int:
-    """The nulls of the top-level column ``field`` by the row groups' statistics (0 where there are none)."""
-    leaves = [i for i in range(meta.num_columns) if meta.schema.column(i).path == field]
-    nulls = 0
-    for group in range(meta.num_row_groups):
-        for leaf in leaves:
-            stats = meta.row_group(group).column(leaf).statistics
-            if stats is not None and stats.has_null_count:
-                nulls += stats.null_count
-    return nulls
-
-
-def _is_string_type(kind: pa.DataType) -> bool:
-    return pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)
-
-
-def _rows(ds: Dataset, fields: _Fields, where: object) -> Dataset:
-    """``ds`` reduced to the columns of the format: ``text`` (see :func:`_documents`) or ``prompt``, ``response``."""
-    if fields.pairs:
-        return _pairs(ds, fields, where)
-    return _documents(ds, fields.roles[0][1], where)
-
-
-def _pairs(ds: Dataset, fields: _Fields, where: object) -> Dataset:
-    """``ds`` reduced to string columns ``prompt`` and ``response``; every row is kept.
+def _rows(ds: Dataset, fields: Fields, where: str) -> Dataset:
+    """``ds`` reduced to the string columns of the format: ``text`` without empty texts, or ``prompt`` and ``response``.
 
     Raises:
         ConfigError: a field is not a string column of ``ds``, or holds nulls (files were checked
-            row by row before; this catches Parquet and hub data).
+            row by row before; this catches a Parquet file whose footer does not count them).
     """
-    where = _names(where) if isinstance(where, list) else repr(where)
     for role, field, config_key in fields.roles:
         if field not in ds.column_names:
             raise ConfigError(
@@ -882,7 +522,7 @@ def _pairs(ds: Dataset, fields: _Fields, where: object) -> Dataset:
                 f"set {config_key}"
             )
         column = ds.data.column(field)
-        if not _is_string_type(column.type):
+        if not is_string_type(column.type):
             raise ConfigError(
                 f"{config_key}={field!r} of {where} holds {column.type}, not strings; "
                 f"set {config_key} to the {role} column"
@@ -894,24 +534,17 @@ def _pairs(ds: Dataset, fields: _Fields, where: object) -> Dataset:
                 f"(the first is row {first + 1}); "
                 f"store every {role} as a string (an empty one if there is none)"
             )
+    if not fields.pairs:
+        field = fields.roles[0][1]
+        ds = ds.select_columns([field])
+        ds = ds.filter(_non_empty, batched=True, fn_kwargs={"field": field, "release": _mapped_files(ds)})
+        return ds.rename_column(field, "text") if field != "text" else ds
     (_, prompt, _), (_, response, _) = fields.roles
     ds = ds.select_columns([prompt, response])
     if (prompt, response) != ("prompt", "response"):  # via unique names, so that swapped names work too
         ds = ds.rename_columns({prompt: "\0prompt", response: "\0response"})
         ds = ds.rename_columns({"\0prompt": "prompt", "\0response": "response"})
     return ds
-
-
-def _documents(ds: Dataset, field: str, where: object) -> Dataset:
-    """``ds`` reduced to a ``text`` column from ``field``, without empty or missing texts."""
-    if field not in ds.column_names:
-        raise ConfigError(
-            f"data.text_field={field!r} is not a column of {where}; "
-            f"its columns are {ds.column_names}; set data.text_field"
-        )
-    ds = ds.select_columns([field])
-    ds = ds.filter(_non_empty, batched=True, fn_kwargs={"field": field, "release": _mapped_files(ds)})
-    return ds.rename_column(field, "text") if field != "text" else ds
 
 
 def _non_empty(batch: dict, field: str, release: list[str] = ()) -> list[bool]:
@@ -972,7 +605,9 @@ def load_or_train_tokenizer(cfg: DataConfig, train_texts: Iterable[str]) -> PreT
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte encodable, so no unk
         show_progress=False,
     )
-    bpe.train_from_iterator(_first_chars(train_texts, _TOKENIZER_TRAIN_CHARS), trainer=trainer)
+    # In pieces, as they are tokenized: the same words to count, and bounded memory for a long document.
+    texts = _first_chars(train_texts, _TOKENIZER_TRAIN_CHARS)
+    bpe.train_from_iterator((piece for text in texts for piece in _pieces(text, _TOKENIZE_CHARS)), trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=bpe,
         bos_token=EOT,
@@ -1188,7 +823,7 @@ def _cache_key(cfg: DataConfig) -> tuple[str, dict]:
 
 def _file_stamps(patterns: list[str], key: str) -> list[list]:
     stamps = []
-    for path in _expand(patterns, key):
+    for path in expand(patterns, key, warn=False):  # load_text says which files were matched again
         st = os.stat(path)
         stamps.append([os.path.abspath(path), st.st_size, st.st_mtime_ns])
     return stamps
@@ -1330,7 +965,7 @@ def _too_little_data(cfg: DataConfig, split: str, num_tokens: int) -> str:
         capped = cfg.max_documents is not None
         if cfg.source == "files":
             return (
-                f"data.train_files: the train split from {_names(cfg.train_files)} {block}; "
+                f"data.train_files: the train split from {names(cfg.train_files)} {block}; "
                 f"add text{', raise data.max_documents' if capped else ''} or lower data.seq_len"
             )
         return (
@@ -1339,7 +974,7 @@ def _too_little_data(cfg: DataConfig, split: str, num_tokens: int) -> str:
         )
     if cfg.source == "files" and cfg.validation_files:
         return (
-            f"data.validation_files: the validation split from {_names(cfg.validation_files)} {block}; "
+            f"data.validation_files: the validation split from {names(cfg.validation_files)} {block}; "
             "add text or lower data.seq_len"
         )
     if cfg.source == "hub":
@@ -1627,10 +1262,68 @@ def _tokenize_shard(docs: Dataset, tokenizer: PreTrainedTokenizerFast, pairs: bo
 
 
 def _encode(batch: dict, tokenizer: PreTrainedTokenizerFast) -> dict:
-    # No special tokens: packing adds the single eos after each document itself. verbose=False
-    # silences the "longer than model_max_length" warning, which is meaningless before packing.
-    ids = tokenizer(batch["text"], add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
-    return {"input_ids": ids}
+    return {"input_ids": _token_ids(batch["text"], tokenizer)}
+
+
+def _token_ids(texts: list[str], tokenizer: PreTrainedTokenizerFast) -> pa.ListArray:
+    """The ids of each of ``texts`` as a ``list<int32>`` array, the tokenizer given ``_TOKENIZE_CHARS`` at a time.
+
+    A text longer than that is tokenized in pieces (:func:`_pieces`), cut where the trained byte-level
+    BPE gives the same ids as for the whole text; another tokenizer (``data.tokenizer``) does too
+    unless it treats the start of a text specially (a prefix space), and then at most the tokens
+    next to a cut differ. The ids go to numpy as each call returns, not into lists of Python ints.
+    """
+    counts = np.zeros(len(texts), dtype=np.int64)
+    values = [np.zeros(0, dtype=np.int32)]
+    for owners, group in _piece_groups(texts, _TOKENIZE_CHARS):
+        # No special tokens: packing adds the single eos after each document itself. verbose=False
+        # silences the "longer than model_max_length" warning, which is meaningless before packing.
+        ids = tokenizer(group, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        np.add.at(counts, owners, lengths)
+        values.append(np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum())))
+    offsets = np.zeros(len(texts) + 1, dtype=np.int32)
+    offsets[1:] = np.cumsum(counts)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.concatenate(values)))
+
+
+def _piece_groups(texts: list[str], limit: int) -> Iterator[tuple[list[int], list[str]]]:
+    """``(owners, pieces)``: the pieces of ``texts`` in order, gathered up to ``limit`` characters, each with its text's index."""
+    owners: list[int] = []
+    group: list[str] = []
+    size = 0
+    for i, text in enumerate(texts):
+        for piece in _pieces(text, limit):
+            if group and size + len(piece) > limit:
+                yield owners, group
+                owners, group, size = [], [], 0
+            owners.append(i)
+            group.append(piece)
+            size += len(piece)
+    if group:
+        yield owners, group
+
+
+def _pieces(text: str, limit: int) -> Iterator[str]:
+    """``text`` in consecutive pieces of at most ``limit`` characters (at least half that, but the last).
+
+    Each cut is the last place of the piece's second half where ``_CUT`` matches; a piece without
+    one (a run of ``limit / 2`` characters without a space, tab or newline) is cut at ``limit``.
+    """
+    start = 0
+    while len(text) - start > limit:
+        lo, hi = start + limit // 2 + 1, start + limit + 1  # the cut, the next piece's first character, in [lo, hi)
+        cut, end, span = hi - 1, hi, 256  # a hard cut, unless a match is found searching back from hi
+        while end > lo:
+            begin = max(lo, end - span)
+            found = [m.start() for m in _CUT.finditer(text, begin, end)]
+            if found:
+                cut = found[-1]
+                break
+            end, span = begin, span * 4
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
 
 
 #: Tokens per piece of the packed stream that :func:`_pack` holds at once (its working arrays take
@@ -1760,12 +1453,17 @@ _PACK_CHUNK_TOKENS = 1 << 22
 def _encode_pairs(batch: dict, tokenizer: PreTrainedTokenizerFast) -> dict:
     # Prompt and response are tokenized apart, so the boundary between them (where the labels
     # start) falls between tokens; joint tokenization could merge its two sides into one token.
-    prompts = tokenizer(batch["prompt"], add_special_tokens=False, return_attention_mask=False, verbose=False)
-    responses = tokenizer(batch["response"], add_special_tokens=False, return_attention_mask=False, verbose=False)
-    eos = [tokenizer.eos_token_id]
+    prompts, responses = _token_ids(batch["prompt"], tokenizer), _token_ids(batch["response"], tokenizer)
+    p, r = prompts.offsets.to_numpy(), responses.offsets.to_numpy()
+    p_ids, r_ids = prompts.values.to_numpy(), responses.values.to_numpy()
+    eos = np.array([tokenizer.eos_token_id], dtype=np.int32)
+    examples = [np.concatenate([p_ids[p[i] : p[i + 1]], r_ids[r[i] : r[i + 1]], eos]) for i in range(len(prompts))]
+    offsets = np.zeros(len(examples) + 1, dtype=np.int32)
+    offsets[1:] = np.cumsum([len(e) for e in examples])
+    flat = np.concatenate(examples) if examples else np.zeros(0, dtype=np.int32)
     return {
-        "input_ids": [p + r + eos for p, r in zip(prompts["input_ids"], responses["input_ids"])],
-        "prompt_len": [len(p) for p in prompts["input_ids"]],
+        "input_ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat)),
+        "prompt_len": pa.array(np.diff(p), type=pa.int32()),
     }
 
 

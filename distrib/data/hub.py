@@ -33,7 +33,8 @@ from datasets import Dataset, IterableDataset, IterableDatasetDict, concatenate_
 from datasets.exceptions import DatasetGenerationError
 
 from distrib.config import ConfigError, DataConfig
-from distrib.data import _MIN_VALIDATION_DOCS, _Fields, _is_string_type, _release_pages, _stable_unit
+from distrib.data import _MIN_VALIDATION_DOCS, _release_pages, _stable_unit
+from distrib.data.readers import Fields, is_string_type
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ _WHITESPACE = "".join(chr(c) for c in range(0x110000) if chr(c).isspace())
 _Rows = Generator[tuple[np.ndarray, pa.Table], None, None]
 
 
-def load_hub(cfg: DataConfig, fields: _Fields, hf_cache: str | Path) -> tuple[Dataset, Dataset]:
+def load_hub(cfg: DataConfig, fields: Fields, hf_cache: str | Path) -> tuple[Dataset, Dataset]:
     """The train and validation documents of the hub dataset ``cfg.name``, streamed to Arrow files.
 
     Columns are those of :func:`distrib.data.load_text`: ``text`` (empty and ``null`` texts dropped),
@@ -166,13 +167,13 @@ def _open(cfg: DataConfig, hf_cache: str | Path) -> IterableDatasetDict:
         ) from None
 
 
-def _file_key(cfg: DataConfig, fields: _Fields) -> str:
+def _file_key(cfg: DataConfig, fields: Fields) -> str:
     """A name for this reading's files: equal readings overwrite each other instead of piling up."""
     spec = [cfg.name, cfg.hub_config, fields.roles, cfg.max_documents, cfg.validation_fraction]
     return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:16]
 
 
-def _read(split: IterableDataset, fields: _Fields, dataset: str, name: str) -> _Rows:
+def _read(split: IterableDataset, fields: Fields, dataset: str, name: str) -> _Rows:
     """The documents of a streamed split, a batch at a time: ``(positions, table)``.
 
     ``table`` holds the columns of ``fields`` under their role names (``text``, or ``prompt`` and
@@ -232,7 +233,7 @@ def _column(table: pa.Table, role: str, field: str, key: str, pairs: bool, where
             f"{key}={field!r} is not a column of {where}; its columns are {table.column_names[:10]}; set {key}"
         )
     column = table.column(field)
-    if not (_is_string_type(column.type) or pa.types.is_null(column.type)):
+    if not (is_string_type(column.type) or pa.types.is_null(column.type)):
         raise ConfigError(
             f"{key}={field!r} of {where} holds {column.type}, not strings; set {key} to the {role} column"
         )

@@ -9,17 +9,22 @@ worker starts.
 
 from __future__ import annotations
 
+import bz2
 import fcntl
+import gzip
 import json
+import lzma
 import logging
 import os
 import threading
 import time
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from distrib import data
+from distrib import data, readers
 from distrib.config import ConfigError, load_config
 from tests.conftest import ROOT
 
@@ -112,7 +117,7 @@ def test_binary_file_is_called_binary(tmp_path, name):
     bad.write_bytes(PNG + bytes(range(256)) * 4)
     assert refused(tmp_path, [bad]) == (
         f"data.train_files: '{bad}' is a binary file (it holds NUL bytes), not text; "
-        "give UTF-8 .txt/.jsonl/.json or .parquet files"
+        "give UTF-8 .txt/.jsonl/.json/.csv or .parquet files"
     )
 
 
@@ -136,7 +141,7 @@ def test_non_utf8_text_names_file_and_line(tmp_path):
 def test_non_utf8_line_is_counted_across_read_chunks(tmp_path, monkeypatch):
     # Tiny chunks split the two-byte "é"s of the good lines between reads: they must not be
     # mistaken for errors, and the newlines of every earlier chunk must count.
-    monkeypatch.setattr(data, "_READ_CHUNK", 7)
+    monkeypatch.setattr(readers, "_READ_CHUNK", 7)
     bad = tmp_path / "mixed.txt"
     bad.write_bytes("été\n".encode() * 20 + b"caf\xe9\n")
     assert " line 21 is not valid UTF-8 (byte 0xe9)" in refused(tmp_path, [bad])
@@ -194,6 +199,129 @@ def test_json_array_item_without_text_field(tmp_path):
     assert refused(tmp_path, [bad]).startswith(f"data.train_files: '{bad}' array item 2 has no 'text' field")
 
 
+# -- null texts -----------------------------------------------------------------------------------
+
+
+def test_null_jsonl_text_names_file_and_line(tmp_path):
+    bad = tmp_path / "docs.jsonl"
+    bad.write_text('{"text": "one"}\n{"text": null}\n{"text": "three"}\n')
+    assert refused(tmp_path, [bad]) == (
+        f"data.train_files: '{bad}' line 2: 'text' (data.text_field) is null, not a string; "
+        "store the text as a JSON string (an empty one if there is none)"
+    )
+
+
+def test_null_json_array_text_names_the_item(tmp_path):
+    bad = tmp_path / "docs.json"
+    bad.write_text(json.dumps([{"text": "one"}, {"text": None}]))
+    assert refused(tmp_path, [bad]) == (
+        f"data.train_files: '{bad}' array item 2: 'text' (data.text_field) is null, not a string; "
+        "store the text as a JSON string (an empty one if there is none)"
+    )
+
+
+@pytest.mark.parametrize("statistics", [True, False], ids=["counted-in-footer", "no-statistics"])
+def test_null_parquet_text_is_refused(tmp_path, statistics):
+    bad = tmp_path / "docs.parquet"
+    pq.write_table(pa.table({"text": ["one", None, "three", None]}), bad, write_statistics=statistics)
+    if statistics:
+        expected = (f"data.train_files: '{bad}' column 'text' (data.text_field) is null in 2 rows; "
+                    "store every text as a string (an empty one if there is none)")
+    else:  # found once loaded
+        expected = (f"data.text_field='text' is null in 2 rows of '{bad}' (the first is row 2); "
+                    "store every text as a string (an empty one if there is none)")
+    assert refused(tmp_path, [bad]) == expected
+
+
+# -- compressed files -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,content,detail", [
+    ("cut.txt.gz", gzip.compress(b"some text\n" * 1000)[:-12],
+     "gzip (Compressed file ended before the end-of-stream marker was reached); compress it again with gzip"),
+    ("plain.jsonl.gz", b'{"text": "not compressed at all"}\n', "gzip (Not a gzipped file (b'{\"')); "),
+    ("noise.csv.bz2", bytes(range(200)) * 3, "bzip2 (Invalid data stream); "),
+    ("noise.txt.xz", b"not xz data" * 10, "xz (Input format not supported by decoder); "),
+], ids=["truncated-gzip", "not-gzip", "bad-bzip2", "bad-xz"])
+def test_file_that_cannot_be_decompressed(tmp_path, name, content, detail):
+    bad = tmp_path / name
+    bad.write_bytes(content)
+    message = refused(tmp_path, [bad])
+    assert message.startswith(f"data.train_files: '{bad}' cannot be decompressed as {detail}")
+    assert message.endswith(", give it the extension of its real format, or remove it")
+
+
+@pytest.mark.parametrize("content", [b"", gzip.compress(b"")], ids=["no-bytes", "nothing-compressed"])
+def test_empty_compressed_file(tmp_path, content):
+    bad = tmp_path / "docs.jsonl.gz"
+    bad.write_bytes(content)
+    assert refused(tmp_path, [bad]) == (
+        f"data.train_files: '{bad}' is empty; put text in it or remove it from data.train_files"
+    )
+
+
+@pytest.mark.parametrize("name,compress", [("latin1.txt.gz", gzip.compress), ("latin1.jsonl.xz", lzma.compress),
+                                           ("latin1.csv.bz2", bz2.compress)])
+def test_non_utf8_inside_a_compressed_file_names_the_line(tmp_path, name, compress):
+    bad = tmp_path / name
+    lines = {".txt": b"fine\n\ncaf\xe9\n", ".jsonl": b'{"text": "fine"}\n{"text": "caf\xe9"}\n',
+             ".csv": b"text\ncaf\xe9\n"}
+    bad.write_bytes(compress(lines[readers.file_format(str(bad), "k")[0]]))
+    line = 3 if name.startswith("latin1.txt") else 2
+    assert refused(tmp_path, [bad]).startswith(f"data.train_files: '{bad}' line {line} is not valid UTF-8 (byte 0xe9)")
+
+
+def test_binary_inside_a_compressed_file(tmp_path):
+    bad = tmp_path / "picture.txt.gz"
+    bad.write_bytes(gzip.compress(PNG))
+    assert refused(tmp_path, [bad]).startswith(f"data.train_files: '{bad}' is a binary file (it holds NUL bytes)")
+
+
+@pytest.mark.parametrize("name,problem", [
+    ("docs.txt.zst", "is zstd-compressed, which is not read here; decompress it, or recompress it with gzip, "
+                     "bzip2 or xz (.gz/.bz2/.xz)"),
+    ("docs.parquet.gz", "is a compressed Parquet file; Parquet compresses its own pages, so give it uncompressed"),
+    ("docs.gz", "is compressed, but its name does not say what it holds; name it after its contents, "
+                "e.g. docs.txt.gz or docs.jsonl.gz"),
+], ids=["zstd", "parquet-gz", "no-inner-suffix"])
+def test_compressed_file_of_no_readable_kind(tmp_path, name, problem):
+    bad = tmp_path / name
+    bad.write_bytes(b"\x28\xb5\x2f\xfd" + bytes(20))
+    assert refused(tmp_path, [bad]) == f"data.train_files: '{bad}' {problem}"
+
+
+# -- CSV --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,content,problem", [
+    ("rows.csv", "body,id\none,1\n", "has no column 'text' (data.text_field); its header names ['body', 'id']; "
+                                      "set data.text_field, or give the file a header row"),
+    ("rows.csv.gz", "body,id\none,1\n", "has no column 'text' (data.text_field); its header names ['body', 'id']; "
+                                         "set data.text_field, or give the file a header row"),
+    ("rows.csv", "id,other,text\n1,a,one\n2,b\n3,c,three\n",
+     "line 3 has 2 fields, too few to hold 'text' (data.text_field); fix the line"),
+    ("rows.csv", 'id,text\n1,one\n2,"two\nlines\n3,three\n',
+     'line 3: a quoted field is not closed before the end of the file; add the closing quote (a quote inside a quoted '
+     'field is written twice)'),
+    ("rows.csv", "text,id\n", "has a header but no rows; put text in it or remove it from data.train_files"),
+    ("rows.csv", "text,id\n ,1\n,2\n", "has no non-empty 'text' (data.text_field) value; put text in it or remove it "
+                                        "from data.train_files"),
+], ids=["missing-column", "missing-column-gz", "short-row", "unclosed-quote", "header-only", "no-text"])
+def test_bad_csv_names_file_line_and_column(tmp_path, name, content, problem):
+    bad = tmp_path / name
+    bad.write_bytes(gzip.compress(content.encode()) if name.endswith(".gz") else content.encode())
+    assert refused(tmp_path, [bad]) == f"data.train_files: '{bad}' {problem}"
+
+
+def test_csv_prompt_response_without_the_response_column(tmp_path):
+    bad = tmp_path / "pairs.csv"
+    bad.write_text("prompt,answer\nSay hi.,hi\n")
+    assert refused(tmp_path, [bad], "data.format=prompt_response") == (
+        f"data.train_files: '{bad}' has no column 'response' (data.response_field); its header names ['prompt', "
+        "'answer']; set data.response_field, or give the file a header row"
+    )
+
+
 # -- the wrong kind of path -----------------------------------------------------------------------
 
 
@@ -218,10 +346,11 @@ def test_directory_as_data_file_suggests_a_glob(tmp_path):
 
 
 def test_unsupported_extension(tmp_path):
-    bad = tmp_path / "table.csv"
-    bad.write_text("text\nhello\n")
+    bad = tmp_path / "notes.md"
+    bad.write_text("# text\nhello\n")
     assert refused(tmp_path, [bad]) == (
-        f"data.train_files: '{bad}' is not .txt/.jsonl/.json/.parquet; convert it or remove it"
+        f"data.train_files: '{bad}' is not .txt/.jsonl/.json/.csv/.parquet (the first four also compressed as "
+        ".gz/.bz2/.xz); convert it or remove it"
     )
 
 

@@ -69,7 +69,8 @@ BAD = [
     (TINY, ["data.name=nope"], [],
      "data.name='nope' is not a built-in corpus; use data.name=code, data.name=prose or data.name=instruct"),
     (TINY, ["data.source=files"], [],
-     "data.source=files needs data.train_files (a list of .txt/.jsonl/.json/.parquet paths or globs)"),
+     "data.source=files needs data.train_files, a list of paths or globs of data files: "
+     ".txt/.jsonl/.json/.csv/.parquet (the first four also compressed as .gz/.bz2/.xz)"),
     (TINY, ["data.source=files", "data.train_files=[/no/such/file.txt]"], [],
      "data.train_files: '/no/such/file.txt' matches no file; fix the path or glob"),
     (TINY, ["data.tokenizer=/no/such/tokenizer"], [],

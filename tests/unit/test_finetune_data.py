@@ -350,7 +350,7 @@ def test_text_file_is_refused_for_prompt_response_data(tmp_path):
     bad.write_text("Some text.\n")
     assert refused(tmp_path, bad) == (
         f"data.train_files: '{bad}' is plain text, which has no prompt and response (data.format=prompt_response); "
-        "give .jsonl/.json/.parquet rows with the prompt in 'prompt' (data.prompt_field) and the response in "
+        "give .jsonl/.json/.csv/.parquet rows with the prompt in 'prompt' (data.prompt_field) and the response in "
         "'response' (data.response_field)"
     )
 
