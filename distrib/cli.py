@@ -24,6 +24,7 @@ from pathlib import Path
 
 from distrib.config import ConfigError, load_config
 from distrib.stages import STAGES
+from launch.local import die_with_launcher
 
 EXIT_CONFIG = 2
 
@@ -100,6 +101,7 @@ def _launcher_rank() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    die_with_launcher()  # first: a worker or a stage's command must not outlive what started it, even while starting
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = _parser()
     commands = parser._subparsers._group_actions[0].choices
@@ -242,9 +244,6 @@ def _train(args, cfg) -> int:
     from distrib.utils import StopRequest
 
     stop = StopRequest()
-    from distrib.utils import die_with_launcher
-
-    die_with_launcher()
     env.export()
     from distrib.utils import quiet_other_ranks
 

@@ -46,6 +46,7 @@ from typing import Any
 import yaml
 
 from distrib.config import ConfigError, _parse_yaml, load_config, parse_override
+from launch.local import LAUNCHER_PID_ENV
 
 #: Where the embedded default lives (the repository's configs/, beside the package).
 DEFAULT_PIPELINE = Path(__file__).resolve().parents[1] / "configs" / "pipeline" / "default.yaml"
@@ -226,7 +227,8 @@ def run_pipeline(p: Pipeline, say=print) -> int:
             cmd = [sys.executable, "-m", "distrib", stage.name, str(stage.config), *stage.overrides,
                    "--nproc-per-node", str(p.nproc_per_node)]
             say(f"distrib run: {stage.name}: {' '.join(cmd[2:])}")
-            code = subprocess.run(cmd, env={**os.environ}).returncode
+            # the stage's command ends when this process does, killed or not (launch.local.die_with_launcher)
+            code = subprocess.run(cmd, env={**os.environ, LAUNCHER_PID_ENV: str(os.getpid())}).returncode
             if code != 0:
                 say(f"distrib run: {stage.name} stopped with exit code {code}; fix the cause and run the same "
                     "command again: finished stages are skipped, this one resumes")
