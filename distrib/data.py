@@ -65,6 +65,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from distrib import faults
 from distrib.config import ConfigError, DataConfig
+from launch.local import die_with_parent
 
 logger = logging.getLogger(__name__)
 
@@ -1461,7 +1462,8 @@ def _run_workers(job: _Job, docs: Dataset, tokenizer: PreTrainedTokenizerFast, w
         return
     import multiprocess  # datasets' own dependency (its map uses it): pickles what multiprocessing cannot
 
-    with multiprocess.Pool(workers) as pool:
+    # the pool's processes end with this one (a kill -9 of the launcher would leave them tokenizing)
+    with multiprocess.Pool(workers, initializer=die_with_parent) as pool:
         pool.starmap(_work, [(job, docs, tokenizer, helping)] * workers)
 
 
