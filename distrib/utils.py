@@ -93,35 +93,6 @@ def log_main(msg: str) -> None:
         logger.info(msg)
 
 
-def die_with_launcher(poll_seconds: float = 0.5) -> None:
-    """End this worker when the elastic agent that started it dies (``kill -9`` of ``distrib ... --nproc-per-node``
-    or of ``torchrun``).
-
-    The agent starts workers in sessions of their own, so a SIGKILL of the agent leaves them running as
-    orphans that would keep writing to a run directory whose lock died with the agent. A daemon thread
-    watches the parent and kills this process within ``poll_seconds`` of it going away. Only under an
-    elastic agent (``TORCHELASTIC_RUN_ID`` set); srun and mpirun end their tasks themselves.
-    """
-    import os
-    import signal
-    import sys
-    import threading
-    import time
-
-    if not os.environ.get("TORCHELASTIC_RUN_ID"):
-        return
-    parent = os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(poll_seconds)
-        print(f"distrib: the launcher (pid {parent}) is gone; stopping this worker (pid {os.getpid()})",
-              file=sys.stderr, flush=True)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    threading.Thread(target=watch, name="distrib-die-with-launcher", daemon=True).start()
-
-
 class StopRequest:
     """SIGUSR1 (Slurm's warning before preemption) and SIGTERM ask the run for a clean stop.
 

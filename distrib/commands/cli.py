@@ -29,6 +29,7 @@ import sys
 
 from distrib.config import ConfigError, load_config
 from distrib.launch.env import LaunchEnvError, detect, launcher_rank
+from distrib.launch.local import die_with_launcher
 from distrib.stages import STAGES
 from distrib.utils import hide_deepspeed_deprecations, quiet_deepspeed, quiet_other_ranks
 
@@ -161,6 +162,7 @@ def _quiet(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    die_with_launcher()  # first: a worker or a stage's command must not outlive what started it, even while starting
     args = _parse(sys.argv[1:] if argv is None else list(argv))
     if isinstance(args, int):
         return args

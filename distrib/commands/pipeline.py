@@ -52,6 +52,7 @@ from distrib.config import ConfigError, load_config, parse_override
 from distrib.config.yaml_io import _parse_yaml
 from distrib.launch.env import detect
 from distrib.lock import RunLock
+from distrib.launch.local import LAUNCHER_PID_ENV
 
 #: Where the embedded default lives (the repository's configs/, beside the package).
 DEFAULT_PIPELINE = Path(__file__).resolve().parents[2] / "configs" / "pipeline" / "default.yaml"
@@ -246,7 +247,8 @@ def run_pipeline(p: Pipeline, say=print) -> int:
             cmd = [sys.executable, "-m", "distrib", stage.name, str(stage.config), *stage.overrides,
                    "--nproc-per-node", str(p.nproc_per_node)]
             say(f"distrib run: {stage.name}: {' '.join(cmd[2:])}")
-            code = subprocess.run(cmd, env={**os.environ}).returncode
+            # the stage's command ends when this process does, killed or not (launch.local.die_with_launcher)
+            code = subprocess.run(cmd, env={**os.environ, LAUNCHER_PID_ENV: str(os.getpid())}).returncode
             if code != 0:
                 say(f"distrib run: {stage.name} stopped with exit code {code}; fix the cause and run the same "
                     "command again: finished stages are skipped, this one resumes")

@@ -25,7 +25,7 @@ from distrib.lock import RunLock, held_by_launcher
 from distrib.parallel.topology import Topology
 from distrib.stages import stage_class
 from distrib.train.trainer import Trainer
-from distrib.utils import StopRequest, die_with_launcher, setup_logging
+from distrib.utils import StopRequest, setup_logging
 
 EXIT_FAILED = 1
 
@@ -112,7 +112,6 @@ def _start_workers(args: argparse.Namespace, cfg: Config) -> int:
 def _work(cfg: Config, stage, env: LaunchEnv, resume_from: Path | None) -> int:
     """This process is one rank of the job: join the process group and run the loop."""
     stop = StopRequest()
-    die_with_launcher()
     env.export()
     setup_logging()
     topo = Topology.init(tp=cfg.parallel.tp, timeout_minutes=cfg.parallel.timeout_minutes, run_dir=cfg.output_dir)

@@ -66,6 +66,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from distrib import faults
 from distrib.config import ConfigError, DataConfig
 from distrib.data.readers import Fields, check_file, expand, is_string_type, load_files, loader, names
+from distrib.launch.local import die_with_parent
 
 logger = logging.getLogger(__name__)
 
@@ -1096,7 +1097,8 @@ def _run_workers(job: _Job, docs: Dataset, tokenizer: PreTrainedTokenizerFast, w
         return
     import multiprocess  # datasets' own dependency (its map uses it): pickles what multiprocessing cannot
 
-    with multiprocess.Pool(workers) as pool:
+    # the pool's processes end with this one (a kill -9 of the launcher would leave them tokenizing)
+    with multiprocess.Pool(workers, initializer=die_with_parent) as pool:
         pool.starmap(_work, [(job, docs, tokenizer, helping)] * workers)
 
 
