@@ -152,7 +152,7 @@ def expand(patterns: list[str], key: str, warn: bool = True) -> list[str]:
 
 
 def _glob(pattern: str) -> list[str]:
-    """The files ``pattern`` matches, sorted: ``glob.glob(pattern, recursive=True)``, each directory entered once by ``**``."""
+    """The files ``pattern`` matches, sorted, as ``glob.glob(recursive=True)``; ``**`` enters a directory once."""
     parts = pattern.split(os.sep)
     if "**" not in parts:
         return sorted(p for p in glob.glob(pattern) if os.path.isfile(p))
@@ -189,7 +189,7 @@ def _match(base: str, parts: list[str], entered: set[tuple[str, int]]) -> Iterat
 
 
 def _listdir(directory: str, pattern: str, directories: bool = False) -> list[str]:
-    """The names in ``directory`` that ``pattern`` matches (hidden ones only for a pattern starting with a dot, as glob)."""
+    """The names in ``directory`` that ``pattern`` matches; hidden ones only if it starts with a dot, as in glob."""
     try:
         with os.scandir(directory or os.curdir) as entries:
             found = [e.name for e in entries if not directories or e.is_dir()]
@@ -201,7 +201,7 @@ def _listdir(directory: str, pattern: str, directories: bool = False) -> list[st
 
 
 def _glob_hint(directory: str) -> str:
-    """A glob for the data files of ``directory``: ``*`` of the most common data suffix at its top, else ``**/*`` of one below."""
+    """A glob for the data files of ``directory``: ``*`` and the most common data suffix at its top, else ``**/*``."""
     for depth, pattern in ((0, "*"), (1, os.path.join("**", "*"))):
         counts: dict[str, int] = {}
         looked = 0
@@ -242,7 +242,8 @@ def file_format(path: str, key: str) -> tuple[str, str]:
         inner = Path(path[: -len(last)]).suffix.lower()
         if inner == ".parquet":
             raise ConfigError(
-                f"{key}: {path!r} is a compressed Parquet file; Parquet compresses its own pages, so give it uncompressed"
+                f"{key}: {path!r} is a compressed Parquet file; "
+                "Parquet compresses its own pages, so give it uncompressed"
             )
         if inner not in _LOADERS:
             raise ConfigError(

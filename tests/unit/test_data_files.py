@@ -39,8 +39,9 @@ def paragraphs(path, count: int, tag: str = "Paragraph"):
 def files_cfg(tmp_path, train: list, validation: list | None = None, **overrides) -> DataConfig:
     """Files data whose validation comes from its own file, so that ``train`` holds every train document."""
     validation = validation or [paragraphs(tmp_path / "held" / "val.txt", 20, "Held")]
-    return DataConfig(source="files", train_files=[str(p) for p in train], validation_files=[str(p) for p in validation],
-                      cache_dir=str(tmp_path / "cache"), vocab_size=300, seq_len=32, **overrides)
+    return DataConfig(source="files", train_files=[str(p) for p in train],
+                      validation_files=[str(p) for p in validation], cache_dir=str(tmp_path / "cache"), vocab_size=300,
+                      seq_len=32, **overrides)
 
 
 def train_texts(cfg: DataConfig) -> list[str]:
@@ -120,8 +121,8 @@ def test_config_check_accepts_a_recursive_glob_and_a_home_path(tmp_path, monkeyp
     paragraphs(corpus / "good.txt", 30)
     monkeypatch.setenv("HOME", str(tmp_path))
     for pattern in [f"{corpus}/**/*.txt", "~/corpus/*.txt", "~/corpus/good.txt"]:  # both were "matches no file"
-        cfg = load_config(TINY, [f"output_dir={tmp_path / 'run'}", "data.source=files", f"data.train_files=[{pattern}]"])
-        cfg.check_paths()
+        overrides = [f"output_dir={tmp_path / 'run'}", "data.source=files", f"data.train_files=[{pattern}]"]
+        load_config(TINY, overrides).check_paths()
     cfg = load_config(TINY, [f"output_dir={tmp_path / 'run'}", "data.source=files", "data.train_files=[~/nope/*.txt]"])
     with pytest.raises(ValueError, match=f"data.train_files: '{tmp_path}/nope/\\*.txt' matches no file"):
         cfg.check_paths()
