@@ -39,6 +39,7 @@ import yaml
 from distrib import faults
 from distrib.errors import TrainingError
 from distrib.config import Config, ConfigError, config_diff
+from distrib.parallel import deepspeed_compat
 from distrib.utils import log_main
 
 if TYPE_CHECKING:
@@ -356,21 +357,11 @@ def _publish_universal(tmp: Path, out: Path) -> None:
     (out / ".complete").touch()
 
 
-#: What :func:`_convert_spread` uses of DeepSpeed's converter (``deepspeed.checkpoint.ds_to_universal``),
-#: whose own ``main`` runs the same steps in one process; if any is missing, that ``main`` runs instead.
-_CONVERTER_STEPS = ("_check_for_required_state", "_create_checkpoint_paths", "extract_zero_shards",
-                    "_aggregate_autoep_zero12_metadata", "_group_per_tp_shapes", "merge_tp_slices",
-                    "_save_optimizer_state", "_get_optim_files", "_get_zero_stage")
-
-
 def _spreadable(path: Path) -> bool:
     """Whether ``path`` is a ZeRO-1/2 checkpoint without expert layers that this DeepSpeed can convert spread."""
-    from deepspeed.checkpoint import ds_to_universal as dsu
-
-    if not all(hasattr(dsu, step) for step in _CONVERTER_STEPS) or any(path.glob("layer_*_expert_*")):
+    if not deepspeed_compat.converter_steps_available() or any(path.glob("layer_*_expert_*")):
         return False
-    optim_files = dsu._get_optim_files(str(path))
-    return bool(optim_files) and dsu._get_zero_stage(optim_files) in (1, 2)
+    return deepspeed_compat.zero_stage(path) in (1, 2)
 
 
 def _convert_spread(path: Path, topo: Topology) -> None:
@@ -384,10 +375,8 @@ def _convert_spread(path: Path, topo: Topology) -> None:
     publishes. The output is file for file what DeepSpeed's converter writes.
     """
     import itertools
-    from argparse import Namespace
 
     import torch.distributed as dist
-    from deepspeed.checkpoint import ds_to_universal as dsu
     from deepspeed.checkpoint.constants import PARAM, UNIVERSAL_CHECKPOINT_INFO
     from deepspeed.checkpoint.deepspeed_checkpoint import DeepSpeedCheckpoint
 
@@ -397,18 +386,17 @@ def _convert_spread(path: Path, topo: Topology) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     topo.barrier()
     ds = DeepSpeedCheckpoint(str(path))
-    dsu._check_for_required_state(ds)
+    deepspeed_compat.check_required_state(ds)
     if topo.is_main:
-        dsu._create_checkpoint_paths(str(tmp), ds.get_iteration(), ds.tp_degree, ds.pp_degree)
+        deepspeed_compat.create_checkpoint_paths(tmp, ds)
     shards = list(itertools.product(range(ds.pp_degree), range(ds.tp_degree), range(ds.dp_degree)))
     for shard in shards[topo.rank::topo.world_size]:
-        dsu.extract_zero_shards(str(temp_dir), ds, shard)
+        deepspeed_compat.extract_zero_shards(temp_dir, ds, shard)
     topo.barrier()
 
-    slice_shapes_by_tp, _, _ = dsu._aggregate_autoep_zero12_metadata(ds.model_state_metadata)
-    slice_shapes = sorted(dsu._group_per_tp_shapes(slice_shapes_by_tp, ds.pp_degree, ds.tp_degree).items())
+    slice_shapes = deepspeed_compat.tp_slice_shapes(ds)
     info = ds.get_checkpoint_info(UNIVERSAL_CHECKPOINT_INFO)
-    unmatched = [set(dsu.merge_tp_slices(info, str(zero_dir), str(temp_dir), ds.tp_degree, item))
+    unmatched = [set(deepspeed_compat.merge_tp_slices(info, zero_dir, temp_dir, ds, item))
                  for item in slice_shapes[topo.rank::topo.world_size]]
     gathered: list = [None] * topo.world_size
     dist.all_gather_object(gathered, unmatched)
@@ -427,7 +415,7 @@ def _convert_spread(path: Path, topo: Topology) -> None:
                     target.parent.mkdir(parents=True, exist_ok=True)
                     torch.save({PARAM: tensor.float()}, target)
             del module
-        dsu._save_optimizer_state(Namespace(output_folder=str(tmp)), ds)
+        deepspeed_compat.save_optimizer_state(tmp, ds)
         shutil.rmtree(temp_dir, ignore_errors=True)
         for model_file in ds.mp_rank_files:
             shutil.copy2(model_file, tmp)

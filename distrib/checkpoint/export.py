@@ -36,7 +36,8 @@ from transformers import AutoTokenizer
 
 from distrib.checkpoint import convert_to_universal, read_state
 from distrib.config import Config, ConfigError
-from distrib.model import _safetensors_keys, empty_model, hf_config
+from distrib.model import empty_model, hf_config, safetensors_keys
+from distrib.model.student import PROJECTIONS_ATTR
 from distrib.parallel.engine import torch_dtype
 from distrib.parallel.tensor_parallel import to_hf_layout
 
@@ -242,8 +243,6 @@ def _student(cfg: Config, tensors: dict) -> dict:
     """Leave out the hidden-state projections a distillation trained with the student (not part of it)."""
     if not cfg.teacher:
         return tensors
-    from distrib.train.distill import PROJECTIONS_ATTR
-
     return {k: v for k, v in tensors.items() if not k.startswith(PROJECTIONS_ATTR + ".")}
 
 
@@ -586,7 +585,7 @@ def _stream_on_base(cfg: Config, trained: Loaders, ckpt: Path, dtype: torch.dtyp
         if n not in trained:
             from_base[id(named[n])] = sorted({_plain_name(a) for a in aliases[id(named[n])]})
     wanted = sorted({k for keys in from_base.values() for k in keys} | {n for n in saved if n in buffers})
-    found = _safetensors_keys(base_dir, wanted, skeleton.base_model_prefix, partial=True)
+    found = safetensors_keys(base_dir, wanted, skeleton.base_model_prefix, partial=True)
     if found is None:
         return None
     for i, keys in from_base.items():

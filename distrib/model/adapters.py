@@ -247,12 +247,42 @@ def apply_lora(model: torch.nn.Module, cfg: FinetuneConfig, seed: int | None = N
     if not lc.enabled:
         return model
     layout = _layout(model)
-    arch = layout.arch
     frozen = _frozen_ids(model, cfg, layout)
     patterns = _match_patterns(model, cfg.trainable, "finetune.trainable", layout)
-    linear = [(n, m) for n, m in model.named_modules() if _is_linear(m)]
+    targets, adapted = _lora_targets(model, lc.target_modules, layout.arch, frozen)
+    to_save = _trained_in_full(patterns, {n for n, _ in adapted})
+    if lc.train_norms:
+        to_save.update(dict.fromkeys(_trainable_norms(model, frozen)))
+    ensure_tying = _tie_saved_copies(layout, to_save)
+    bias_params, trained_biases = _lora_biases(model, lc.train_biases, layout.arch, frozen)
+    peft_cfg = peft.LoraConfig(
+        r=lc.rank,
+        lora_alpha=lc.alpha,
+        lora_dropout=lc.dropout,
+        target_modules=_peft_targets(model, targets, adapted),
+        bias="all" if lc.train_biases else "none",
+        modules_to_save=list(to_save) or None,
+        ensure_weight_tying=ensure_tying,
+        fan_in_fan_out=any(isinstance(m, Conv1D) for _, m in adapted),
+        task_type="CAUSAL_LM",
+    )
+    with warnings.catch_warnings():
+        # transformers 5 deprecates an attribute peft reads; nothing for the user to act on.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        # Adapters take the base layer's dtype: DeepSpeed keeps the fp32 master copy in the optimizer.
+        wrapped = peft.get_peft_model(model, peft_cfg, autocast_adapter_dtype=False)
+    if lc.train_biases:
+        _keep_trained_biases(wrapped, bias_params, trained_biases)
+    if seed is not None:
+        _reseed_lora(wrapped, seed)
+    return wrapped
 
-    targets = lc.target_modules
+
+def _lora_targets(model: torch.nn.Module, targets: list[str] | None, arch: str,
+                  frozen: set[int]) -> tuple[list[str], list[tuple[str, torch.nn.Module]]]:
+    """The target names (``finetune.lora.target_modules``, else the default for ``arch``) and the linear modules
+    they adapt: those matching a target whose weight the freeze left trainable."""
+    linear = [(n, m) for n, m in model.named_modules() if _is_linear(m)]
     if targets is None:
         targets = DEFAULT_TARGETS.get(arch) or _peft_default_targets(arch)
         if not targets:
@@ -273,9 +303,13 @@ def apply_lora(model: torch.nn.Module, cfg: FinetuneConfig, seed: int | None = N
             "finetune.lora.target_modules: every module it names is frozen by finetune.freeze or "
             "finetune.train_top_layers; unfreeze those layers or target other modules"
         )
-    adapted_names = {n for n, _ in adapted}
+    return targets, adapted
 
-    # Parameters trained in full become their modules' peft modules_to_save copies.
+
+def _trained_in_full(patterns: dict[str, list[tuple[str, torch.nn.Parameter]]],
+                     adapted_names: set[str]) -> dict[str, None]:
+    """The modules of the parameters ``finetune.trainable`` matches: trained in full, as peft ``modules_to_save``
+    copies (an ordered set)."""
     to_save: dict[str, None] = {}
     for pattern, hits in patterns.items():
         for pname, _ in hits:
@@ -291,66 +325,66 @@ def apply_lora(model: torch.nn.Module, cfg: FinetuneConfig, seed: int | None = N
                     f"adapts {owner}; remove the pattern or that target"
                 )
             to_save[owner] = None
-    if lc.train_norms:
-        norms = [n for n, m in model.named_modules()
-                 if _is_norm(m) and any(id(p) not in frozen for p in m.parameters(recurse=False))]
-        if not norms:
-            raise ConfigError(
-                "finetune.lora.train_norms: every norm layer is frozen by finetune.freeze or "
-                "finetune.train_top_layers; unfreeze some layers or remove finetune.lora.train_norms"
-            )
-        to_save.update(dict.fromkeys(norms))
-    ensure_tying = False
+    return to_save
+
+
+def _trainable_norms(model: torch.nn.Module, frozen: set[int]) -> list[str]:
+    """The norm layers the freeze left trainable (``finetune.lora.train_norms`` trains them)."""
+    norms = [n for n, m in model.named_modules()
+             if _is_norm(m) and any(id(p) not in frozen for p in m.parameters(recurse=False))]
+    if not norms:
+        raise ConfigError(
+            "finetune.lora.train_norms: every norm layer is frozen by finetune.freeze or "
+            "finetune.train_top_layers; unfreeze some layers or remove finetune.lora.train_norms"
+        )
+    return norms
+
+
+def _tie_saved_copies(layout: _Layout, to_save: dict[str, None]) -> bool:
+    """With tied embeddings, add both the input embeddings and the head to ``to_save`` when either is in it, so
+    that peft keeps the copies tied; whether it did (peft's ``ensure_weight_tying``)."""
     if layout.tied and layout.head is not None:
         pair = (layout.embeddings[0][0], layout.head[0])
         if any(name in to_save for name in pair):
             to_save.update(dict.fromkeys(pair))  # both, so that peft keeps the copies tied
-            ensure_tying = True
+            return True
+    return False
 
+
+def _lora_biases(model: torch.nn.Module, train_biases: bool, arch: str,
+                 frozen: set[int]) -> tuple[dict[int, torch.nn.Parameter], set[int]]:
+    """Every bias of ``model`` by ``id``, and the ids of those the freeze left trainable (``train_biases`` trains
+    them)."""
     named_params = list(model.named_parameters(remove_duplicate=False))
     bias_params = {id(p): p for n, p in named_params if n.endswith("bias")}
-    if lc.train_biases and not bias_params:
+    if train_biases and not bias_params:
         raise ConfigError(
             f"finetune.lora.train_biases: this {arch} model has no bias parameters; remove finetune.lora.train_biases"
         )
     trained_biases = {i for i in bias_params if i not in frozen}
-    if lc.train_biases and not trained_biases:
+    if train_biases and not trained_biases:
         raise ConfigError(
             "finetune.lora.train_biases: every bias is frozen by finetune.freeze or finetune.train_top_layers; "
             "unfreeze some layers or remove finetune.lora.train_biases"
         )
+    return bias_params, trained_biases
 
-    # The short names when they name exactly the adapted modules (a readable adapter_config.json), else
-    # the full names of the adapted modules (peft matches full names exactly).
+
+def _peft_targets(model: torch.nn.Module, targets: list[str], adapted: list[tuple[str, torch.nn.Module]]) -> list[str]:
+    """The short names when they name exactly the adapted modules (a readable adapter_config.json), else
+    the full names of the adapted modules (peft matches full names exactly)."""
     named_by_targets = {n for n, _ in model.named_modules() if any(_target_matches(n, t) for t in targets)}
-    peft_targets = list(targets) if named_by_targets == adapted_names else [n for n, _ in adapted]
-    peft_cfg = peft.LoraConfig(
-        r=lc.rank,
-        lora_alpha=lc.alpha,
-        lora_dropout=lc.dropout,
-        target_modules=peft_targets,
-        bias="all" if lc.train_biases else "none",
-        modules_to_save=list(to_save) or None,
-        ensure_weight_tying=ensure_tying,
-        fan_in_fan_out=any(isinstance(m, Conv1D) for _, m in adapted),
-        task_type="CAUSAL_LM",
-    )
-    with warnings.catch_warnings():
-        # transformers 5 deprecates an attribute peft reads; nothing for the user to act on.
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        # Adapters take the base layer's dtype: DeepSpeed keeps the fp32 master copy in the optimizer.
-        wrapped = peft.get_peft_model(model, peft_cfg, autocast_adapter_dtype=False)
+    return list(targets) if named_by_targets == {n for n, _ in adapted} else [n for n, _ in adapted]
 
-    if lc.train_biases:
-        # peft's bias="all" trains every bias; keep those the freeze left trainable, and not those of the
-        # originals of modules_to_save (their copies train instead).
-        originals = {id(p) for m in wrapped.modules() if isinstance(m, ModulesToSaveWrapper)
-                     for p in m.original_module.parameters()}
-        for i, p in bias_params.items():
-            p.requires_grad_(i in trained_biases and i not in originals)
-    if seed is not None:
-        _reseed_lora(wrapped, seed)
-    return wrapped
+
+def _keep_trained_biases(wrapped: torch.nn.Module, bias_params: dict[int, torch.nn.Parameter],
+                         trained_biases: set[int]) -> None:
+    """peft's ``bias="all"`` trains every bias; keep those the freeze left trainable, and not those of the
+    originals of ``modules_to_save`` (their copies train instead)."""
+    originals = {id(p) for m in wrapped.modules() if isinstance(m, ModulesToSaveWrapper)
+                 for p in m.original_module.parameters()}
+    for i, p in bias_params.items():
+        p.requires_grad_(i in trained_biases and i not in originals)
 
 
 def _peft_default_targets(arch: str) -> list[str] | None:

@@ -19,6 +19,7 @@ import deepspeed
 import torch
 
 from distrib.config import Config
+from distrib.model.adapters import param_groups
 from distrib.parallel.topology import Topology
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -112,8 +113,6 @@ def build_engine(model: torch.nn.Module, cfg: Config, topo: Topology, ds_config:
     ``train.decay_embeddings``) do not. A model with nothing to train (a frozen control run, a teacher)
     gets an engine without optimizer: ZeRO-3 still partitions it, nothing holds optimizer state.
     """
-    from distrib.model.adapters import param_groups
-
     groups = param_groups(model, cfg.train.weight_decay, decay_embeddings=cfg.train.decay_embeddings)
     if not groups:
         # ZeRO-1/2 partition optimizer state only: without an optimizer they are ZeRO-0 (replicated

@@ -32,10 +32,10 @@ never holds the whole model. That is the trained model and, in distillation, the
 before DeepSpeed uses any parameter, each one with this rank's part of its value, one tensor at a time,
 so the shards are bitwise those of a model built whole and split:
 
-* where AutoTP's split keeps ranges along one dimension (:func:`shard_part`: the rows of Llama's
-  q/k/v/gate/up and of GPT-2's ``c_fc``, the columns of o/down and both GPT-2 ``c_proj``, each of the
-  q, k and v thirds of GPT-2's fused ``c_attn``), that part alone is read from the pretrained
-  safetensors files (bytes read bounded by the shard, not the tensor), or cut from the whole initial
+* where AutoTP's split keeps ranges along one dimension (:func:`~distrib.parallel.deepspeed_compat.shard_part`:
+  the rows of Llama's q/k/v/gate/up and of GPT-2's ``c_fc``, the columns of o/down and both GPT-2
+  ``c_proj``, each of the q, k and v thirds of GPT-2's fused ``c_attn``), that part alone is read from the
+  pretrained safetensors files (bytes read bounded by the shard, not the tensor), or cut from the whole initial
   value (a seeded generator draws the whole tensor anyway);
 * any other split parameter gets its whole value cut by the very partition function AutoTP would
   have applied, and the parameters AutoTP does not split (embeddings, norms, row-parallel biases) their
@@ -60,6 +60,8 @@ from pathlib import Path
 import torch
 
 from distrib.config import Config
+from distrib.model import WEIGHT_SOURCE_ATTR, WeightSource
+from distrib.parallel.deepspeed_compat import after_autotp_split, autotp_partition, shard_part
 
 #: GPT-2 block projections (relative to a block): column-parallel, fused-qkv column, row-parallel.
 _GPT2_COLUMN = ("mlp.c_fc",)
@@ -190,32 +192,17 @@ def materialize_shards(model: torch.nn.Module):
 
     For a model built on the meta device (it carries a :class:`distrib.model.WeightSource`); any other
     model is left alone. DeepSpeed offers no hook between AutoTP's split and the engine's first use of
-    the parameters (moving them to the device, flattening them for ZeRO, the optimizer's fp32 copies),
-    so ``DeepSpeedEngine._apply_autotp_partitioning`` is wrapped for the duration of the block.
+    the parameters, so the fill is hooked into the split for the duration of the block
+    (:func:`distrib.parallel.deepspeed_compat.after_autotp_split`).
     """
-    from distrib.model import WEIGHT_SOURCE_ATTR
-
     source = getattr(model, WEIGHT_SOURCE_ATTR, None)
     if source is None:
         yield
         return
-    from deepspeed.runtime.engine import DeepSpeedEngine
-
     # Whole shapes, before the split: the parameter objects survive it (AutoTP swaps their data).
     whole = {id(p): tuple(p.shape) for p in model.parameters() if p.is_meta}
-    split = DeepSpeedEngine._apply_autotp_partitioning
-
-    def split_then_fill(engine, module, tp_config):
-        out = split(engine, module, tp_config)
-        if module is model:
-            fill_shards(model, source, whole)
-        return out
-
-    DeepSpeedEngine._apply_autotp_partitioning = split_then_fill
-    try:
+    with after_autotp_split(model, lambda: fill_shards(model, source, whole)):
         yield
-    finally:
-        DeepSpeedEngine._apply_autotp_partitioning = split
     empty = [name for name, p in model.named_parameters() if p.is_meta]
     if empty:
         raise RuntimeError(f"{len(empty)} parameters were never filled (first: {empty[0]}): the model was not "
@@ -224,14 +211,15 @@ def materialize_shards(model: torch.nn.Module):
 
 
 @torch.no_grad()
-def fill_shards(model: torch.nn.Module, source, whole: dict[int, tuple[int, ...]]) -> None:
+def fill_shards(model: torch.nn.Module, source: WeightSource, whole: dict[int, tuple[int, ...]]) -> None:
     """Give every meta parameter of ``model`` this rank's part of its value from ``source``, one tensor at a time.
 
     ``whole`` maps each parameter (by ``id``) to its shape before the split. A parameter AutoTP split
-    carries its layer's partition function (``_tp_partition``). Where that split is ranges along one
-    dimension (:func:`shard_part`), ``source`` gives those ranges alone (from a pretrained file, only their
-    bytes are read); otherwise it gives the whole value and the partition function is applied to it
-    exactly as AutoTP applies it to a model built whole. The others (embeddings, norms, replicated biases)
+    carries its layer's partition function. Where that split is ranges along one dimension
+    (:func:`~distrib.parallel.deepspeed_compat.shard_part`), ``source`` gives those ranges alone (from a
+    pretrained file, only their bytes are read); otherwise it gives the whole value and the partition function
+    is applied to it exactly as AutoTP applies it to a model built whole
+    (:func:`~distrib.parallel.deepspeed_compat.autotp_partition`). The others (embeddings, norms, replicated biases)
     are whole on every rank. The peak is this rank's shards plus one whole tensor (and its fp32 initial value).
 
     A part read directly is left on the CPU where AutoTP's partition function would have moved it to the
@@ -254,77 +242,9 @@ def fill_shards(model: torch.nn.Module, source, whole: dict[int, tuple[int, ...]
         value = source.tensor(name, shape[::-1] if transposed else shape, transposed=transposed, part=part)
         _fill(param, value)
         del value  # the parameter's reference is the only one left: the split frees the whole value
-        if part is None and hasattr(param, "_tp_partition"):
-            param._tp_partition([param])
+        if part is None:
+            autotp_partition(param)
     debug.debug_extract_module_and_param_names(model)
-
-
-#: This rank's part of a split parameter's whole value: ``(dim, ((start, stop), ...))``, the ranges of
-#: dimension ``dim`` (in the model's layout) it holds, concatenated in that order.
-Part = tuple[int, tuple[tuple[int, int], ...]]
-
-
-def shard_part(param: torch.nn.Parameter, whole: tuple[int, ...]) -> Part | None:
-    """The ranges of its whole value (of shape ``whole``) that AutoTP leaves of meta ``param`` on this rank.
-
-    Known for the layers AutoTP trains Llama and GPT-2 with, read off the sizes each layer froze when it
-    was built (uneven splits included): ``LinearLayer`` keeps one range of rows of its weight and bias
-    (``_partition_sizes``), ``LinearAllreduce`` one range of columns of its weight (its bias is not split),
-    ``SubParamLinearLayer``/``SubParamLinearAllreduce`` one range of each sub-parameter along their
-    partition dimension (``_subparam_shard_widths``: GPT-2's ``c_attn`` as ``[q; k; v]``). A subclass that
-    partitions differently (its own ``_tp_partition``), a layout with more dimensions, or a description
-    that does not give the shape AutoTP left the parameter in gives ``None``: the whole value is then cut
-    by the layer's own partition function.
-    """
-    from deepspeed.module_inject.layers import (LinearAllreduce, LinearLayer, SubParamLinearAllreduce,
-                                                SubParamLinearLayer)
-
-    layer = getattr(getattr(param, "_tp_partition", None), "__self__", None)
-    if layer is None or len(whole) not in (1, 2):
-        return None
-    cls, rank = type(layer), layer.tp_index
-    is_weight, is_bias = param is layer.weight, param is getattr(layer, "bias", None)
-
-    def partitions_as(base: type, *methods: str) -> bool:
-        return isinstance(layer, base) and all(getattr(cls, m) is getattr(base, m) for m in methods)
-
-    part = None
-    if partitions_as(LinearLayer, "_tp_partition", "uneven_partition") and (is_weight or is_bias):
-        part = (0, _ranges((whole[0],), [layer._partition_sizes], rank))
-    elif partitions_as(LinearAllreduce, "_tp_partition", "uneven_partition") and is_weight and len(whole) == 2:
-        part = (1, _ranges((whole[1],), [layer._partition_sizes], rank))
-    elif any(partitions_as(base, "_tp_partition") for base in (SubParamLinearLayer, SubParamLinearAllreduce)):
-        if is_weight and tuple(layer._logical_shape) == tuple(whole):
-            dim = layer.partition_dim
-        elif is_bias and isinstance(layer, SubParamLinearLayer) and layer._bias_partition_dim == 0 \
-                and tuple(layer._output_shape) == tuple(whole):
-            dim = 0
-        else:
-            return None
-        sizes = layer._subparam_sizes or (whole[dim],)
-        part = (dim, _ranges(sizes, layer._subparam_shard_widths, rank))
-    if part is None or part[0] >= len(whole) or not part[1]:
-        return None
-    dim, ranges = part
-    shape = list(whole)
-    shape[dim] = sum(stop - start for start, stop in ranges)
-    return part if tuple(shape) == tuple(param.shape) else None
-
-
-def _ranges(sizes, widths, rank: int) -> tuple[tuple[int, int], ...]:
-    """Rank ``rank``'s range of each consecutive block of ``sizes`` (block ``i`` split per rank into ``widths[i]``),
-    empty ones left out; none if the widths do not tile the blocks."""
-    if len(sizes) != len(widths):
-        return ()
-    out, offset = [], 0
-    for size, per_rank in zip(sizes, widths):
-        if sum(per_rank) != size:
-            return ()
-        start = offset + sum(per_rank[:rank])
-        if per_rank[rank]:
-            out.append((start, start + per_rank[rank]))
-        offset += size
-    return tuple(out)
 
 
 def _fill(param: torch.nn.Parameter, value: torch.Tensor) -> None:

@@ -25,6 +25,7 @@ from deepspeed.accelerator import get_accelerator
 from distrib.launch.env import nccl_env
 
 T = TypeVar("T")
+from distrib.parallel.deepspeed_compat import share_process_groups
 
 
 #: Where a rank can be inside an optimizer step, in order.
@@ -126,21 +127,8 @@ class Topology:
         return topo
 
     def _share_with_deepspeed(self) -> None:
-        """Hand our groups to DeepSpeed, which would otherwise make its own without our timeout.
-
-        With tp = 1 ZeRO reduces over a clone of the world group that DeepSpeed makes on first use
-        (``groups._clone_world_group``): our dp group is that clone. With tp > 1,
-        ``deepspeed.utils.groups._init_tp_mesh_device`` returns early when the tp and dp groups are
-        set; the layout it would build, a (dp, tp) mesh with tp fastest, is the same as ours.
-        """
-        from deepspeed.utils import groups
-
-        if self.tp == 1:
-            groups._WORLD_GROUP = self.dp_group
-            return
-        groups._TENSOR_MODEL_PARALLEL_GROUP = self.tp_group
-        groups._MODEL_PARALLEL_GROUP = self.tp_group
-        groups._DATA_PARALLEL_GROUP = self.dp_group
+        """Hand our groups to DeepSpeed, which would otherwise make its own without our timeout."""
+        share_process_groups(self.tp, self.tp_group, self.dp_group)
 
     def barrier(self) -> None:
         dist.barrier()

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import torch
 
-from distrib.model.adapters import apply_freeze, apply_lora
 from distrib.config import Config, ConfigError
-from distrib.model import build_model
+from distrib.model import build_model, empty_model, hf_config
+from distrib.model.adapters import apply_freeze, apply_lora
+from distrib.parallel.zero import gathered
+from distrib.stages import refuse_distill_keys
 from distrib.train.trainer import LossOut, causal_lm_loss
 
 
@@ -30,20 +32,16 @@ class FinetuneStage:
         Raises:
             ConfigError: no base to fine-tune, or a freeze/LoRA setting that does not fit the model.
         """
-        from distrib.stages import refuse_distill_keys
-
         refuse_distill_keys(cfg, "finetune")
         if not cfg.init_from and not cfg.model.pretrained:
             raise ConfigError("finetune needs init_from: a distrib run directory (e.g. runs/pretrain-tiny), a "
                               "checkpoint or a Hugging Face model directory")
-        from distrib.model import empty_model, hf_config
-
         model = empty_model(hf_config(cfg.model))
         apply_freeze(model, cfg.finetune)
         apply_lora(model, cfg.finetune)
 
     def build_model(self, cfg: Config, hf_cfg, dtype: torch.dtype) -> torch.nn.Module:
-        model = build_model(cfg.model, hf_cfg, seed=cfg.seed, dtype=dtype)
+        model = build_model(cfg.model, hf_cfg, seed=cfg.seed, dtype=dtype, gathered=gathered)
         apply_freeze(model, cfg.finetune)
         return apply_lora(model, cfg.finetune, seed=cfg.seed)
 

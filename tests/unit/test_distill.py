@@ -1,5 +1,5 @@
-"""distrib.train.distill: the distillation loss against hand-computed values, its config, layer maps, projections
-and students cut from the teacher (tiny CPU models)."""
+"""distrib.train.distill and distrib.model.student: the distillation loss against hand-computed values, its
+config, layer maps, projections and students cut from the teacher (tiny CPU models)."""
 
 from __future__ import annotations
 
@@ -12,20 +12,17 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import logging as hf_logging
 
-from distrib.config import ConfigError
+from distrib.config import ConfigError, DistillConfig, DistillLossConfig, StudentConfig
 from distrib.config.load import _describe
-from distrib.train.distill import (
-    DistillConfig,
-    DistillLossConfig,
-    StudentConfig,
+from distrib.model.student import (
     check_layer_map,
     default_layer_map,
-    distill_loss,
     make_projections,
     projection_key,
     resolve_layer_map,
     student_from_teacher_layers,
 )
+from distrib.train.distill import distill_loss
 from distrib.train.trainer import IGNORE_INDEX, target_tokens
 
 hf_logging.set_verbosity_error()  # GPT-2's default bos/eos ids lie outside the tiny vocabulary

@@ -12,7 +12,8 @@ from deepspeed.module_inject.tp_shard import AutoTPMeta
 from distrib.config import Config, ModelConfig
 from distrib.model import WEIGHT_SOURCE_ATTR, build_model, deferred_weights, hf_config
 from distrib.stages.distill import DistillStage
-from distrib.parallel.tensor_parallel import _gpt2_to_linear, fill_shards, shard_part
+from distrib.parallel.deepspeed_compat import shard_part
+from distrib.parallel.tensor_parallel import _gpt2_to_linear, fill_shards
 
 TP = 2
 COLUMN = {"llama": ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "lm_head"), "gpt2": ("mlp.c_fc",)}
