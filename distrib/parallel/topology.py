@@ -23,9 +23,9 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
 from distrib.launch.env import nccl_env
+from distrib.parallel.deepspeed_compat import share_process_groups
 
 T = TypeVar("T")
-from distrib.parallel.deepspeed_compat import share_process_groups
 
 
 #: Where a rank can be inside an optimizer step, in order.
