@@ -9,7 +9,7 @@ the train split once that many documents are read: a sample of a multi-terabyte 
 the sample costs.
 
 A dataset without a ``validation`` split cannot be shuffled before it has been read, so validation
-is chosen by a stable hash of each row's position instead (as :func:`distrib.data.builtin_corpus`
+is chosen by a stable hash of each row's position instead (as :func:`distrib.data.builtin.builtin_corpus`
 chooses by a hash of each document's key): row ``p`` of the train split is held out when
 ``_stable_unit(str(p)) < data.validation_fraction``. The split is the same on every run and machine,
 needs one pass, and does not depend on the batch sizes the stream is read in.
@@ -33,7 +33,8 @@ from datasets import Dataset, IterableDataset, IterableDatasetDict, concatenate_
 from datasets.exceptions import DatasetGenerationError
 
 from distrib.config import ConfigError, DataConfig
-from distrib.data import _MIN_VALIDATION_DOCS, _release_pages, _stable_unit
+from distrib.data.builtin import _MIN_VALIDATION_DOCS, _stable_unit
+from distrib.data.pages import _release_pages
 from distrib.data.readers import Fields, is_string_type
 
 logger = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ _WRITE_BYTES = 8 << 20
 _READ_ERRORS = (OSError, pa.ArrowException, DatasetGenerationError, ValueError)
 
 #: The characters ``str.strip()`` removes (those for which ``str.isspace()`` holds): a text of only
-#: these is an empty document, as in :func:`distrib.data._non_empty`.
+#: these is an empty document, as in :func:`distrib.data.text._non_empty`.
 _WHITESPACE = "".join(chr(c) for c in range(0x110000) if chr(c).isspace())
 
 #: A split's documents as :func:`_read` yields them: ``(positions, table)`` per batch.
@@ -70,11 +71,11 @@ def load_hub(cfg: DataConfig, fields: Fields, hf_cache: str | Path) -> tuple[Dat
 
     Validation gets at least ``min(_MIN_VALIDATION_DOCS, documents // 2)`` documents: should the hash
     hold out fewer by the end of the stream, the train documents of the lowest hashes are moved
-    over, as :func:`distrib.data.builtin_corpus` does.
+    over, as :func:`distrib.data.builtin.builtin_corpus` does.
 
     Args:
         cfg: the data section (``source=hub``).
-        fields: what a row must hold (:func:`distrib.data._fields`).
+        fields: what a row must hold (:func:`distrib.data.text._fields`).
         hf_cache: where the files go, under ``hub/``; :func:`distrib.data.prepare_data` passes its
             build's scratch directory, deleted with the build. A file is written under a temporary
             name and renamed into place, so a Dataset still mapping an earlier file keeps reading it.
@@ -207,7 +208,7 @@ def _read(split: IterableDataset, fields: Fields, dataset: str, name: str) -> _R
                        for role, field, key in fields.roles]
             if fields.pairs:
                 kept = np.arange(table.num_rows)
-            else:  # the rule of distrib.data._non_empty (non-empty after strip()), in Arrow: no Python strings
+            else:  # the rule of distrib.data.text._non_empty (non-empty after strip()), in Arrow: no Python strings
                 rest = pc.utf8_length(pc.utf8_ltrim(columns[0], characters=_WHITESPACE))
                 kept = np.flatnonzero(pc.fill_null(pc.greater(rest, 0), False).to_numpy(zero_copy_only=False))
             names = [role for role, _, _ in fields.roles]

@@ -24,7 +24,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from distrib import data, readers
+from distrib import data
+from distrib.data import readers
 from distrib.config import ConfigError, load_config
 from tests.conftest import ROOT
 
@@ -451,19 +452,19 @@ def test_good_file_builds_then_hits_the_cache(tmp_path, monkeypatch, caplog):
     def no_build(*args, **kwargs):
         raise AssertionError("cache miss: data was rebuilt")
 
-    monkeypatch.setattr(data, "_build", no_build)
+    monkeypatch.setattr(data.cache, "_build", no_build)
     second = data.prepare_data(cfg, seed=1)
     assert second.fingerprint == first.fingerprint and second.cache_path == first.cache_path
     assert (second.train[:]["input_ids"] == first.train[:]["input_ids"]).all()
 
 
 def test_waiting_for_a_build_elsewhere_is_logged_only_when_it_takes_a_while(tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(data, "_QUIET_WAIT_SECONDS", 0.2)
+    monkeypatch.setattr(data.cache, "_QUIET_WAIT_SECONDS", 0.2)
     cfg = config(tmp_path, [good_text(tmp_path / "train.txt")])
-    root = data._cache_root(cfg)
+    root = data.text._cache_root(cfg)
     root.mkdir()
     # Another process's build: a flock on a descriptor of its own, released after a second.
-    other = os.open(root / f"{data._cache_key(cfg)[0]}.lock", os.O_RDWR | os.O_CREAT)
+    other = os.open(root / f"{data.cache._cache_key(cfg)[0]}.lock", os.O_RDWR | os.O_CREAT)
     fcntl.flock(other, fcntl.LOCK_EX)
     releaser = threading.Timer(1.0, os.close, [other])
     releaser.start()

@@ -125,14 +125,14 @@ def test_missing_tokenizer_dir_raises_config_error(tmp_path):
 
 def test_pack_appends_eos_after_each_document_and_drops_the_remainder():
     tokenized = Dataset.from_dict({"input_ids": [[1, 2, 3], [4], [], [5, 6, 7, 8, 9]]})
-    blocks, num_tokens = data._pack(tokenized, eos_id=0, seq_len=4)
+    blocks, num_tokens = data.packing._pack(tokenized, eos_id=0, seq_len=4)
     # stream: 1 2 3 0 | 4 0 0 5 | 6 7 8 9 | 0  -> the last, partial block is dropped
     assert num_tokens == 13
     assert blocks["input_ids"] == [[1, 2, 3, 0], [4, 0, 0, 5], [6, 7, 8, 9]]
 
 
 def test_packing_yields_full_blocks_independent_of_num_proc(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "_MIN_DOCS_PER_PROC", 1)  # let a small corpus use 2 workers
+    monkeypatch.setattr(data.team, "_MIN_DOCS_PER_PROC", 1)  # let a small corpus use 2 workers
     cfg = small_cfg(tmp_path, max_documents=50)
     one = data.prepare_data(cfg.model_copy(update={"num_proc": 1, "cache_dir": str(tmp_path / "a")}), seed=0)
     two = data.prepare_data(cfg.model_copy(update={"num_proc": 2, "cache_dir": str(tmp_path / "b")}), seed=0)
@@ -184,7 +184,7 @@ def test_empty_validation_raises_config_error(tmp_path):
     ],
 )
 def test_too_little_data_message_names_the_key_to_change(overrides, split, start, fix):
-    message = data._too_little_data(DataConfig(seq_len=64, **overrides), split, 40)
+    message = data.cache._too_little_data(DataConfig(seq_len=64, **overrides), split, 40)
     assert message.startswith(start) and message.endswith(fix)
     assert "has 40 tokens, fewer than one block of data.seq_len=64" in message
 
@@ -199,7 +199,7 @@ def test_cache_hit_returns_same_data_without_rebuilding(small, monkeypatch):
     def no_build(*args, **kwargs):
         raise AssertionError("cache miss: data was rebuilt")
 
-    monkeypatch.setattr(data, "_build", no_build)
+    monkeypatch.setattr(data.cache, "_build", no_build)
     second = data.prepare_data(cfg, seed=1)  # the data does not depend on the seed
     assert second.fingerprint == first.fingerprint
     assert second.cache_path == first.cache_path
@@ -210,31 +210,31 @@ def test_cache_hit_returns_same_data_without_rebuilding(small, monkeypatch):
 
 def test_cache_key_changes_with_data_defining_fields(tmp_path):
     base = small_cfg(tmp_path)
-    key = data._cache_key(base)[0]
-    assert data._cache_key(base.model_copy(update={"seq_len": 128}))[0] != key
-    assert data._cache_key(base.model_copy(update={"name": "prose"}))[0] != key
-    assert data._cache_key(base.model_copy(update={"num_proc": 7, "cache_dir": "/elsewhere"}))[0] == key
+    key = data.cache._cache_key(base)[0]
+    assert data.cache._cache_key(base.model_copy(update={"seq_len": 128}))[0] != key
+    assert data.cache._cache_key(base.model_copy(update={"name": "prose"}))[0] != key
+    assert data.cache._cache_key(base.model_copy(update={"num_proc": 7, "cache_dir": "/elsewhere"}))[0] == key
 
 
 def test_cache_key_follows_file_contents(tmp_path):
     path = tmp_path / "a.txt"
     path.write_text("one")
     cfg = DataConfig(source="files", train_files=[str(path)])
-    before = data._cache_key(cfg)[0]
+    before = data.cache._cache_key(cfg)[0]
     path.write_text("one two")
-    assert data._cache_key(cfg)[0] != before
+    assert data.cache._cache_key(cfg)[0] != before
 
 
 def _prepare_in_subprocess(cache_dir, counter, barrier, results):
     """Child process: count builds, start together with the sibling, report what it loaded."""
-    build = data._build
+    build = data.cache._build
 
     def counting_build(*args, **kwargs):
         with open(counter, "a") as f:
             f.write(f"{os.getpid()}\n")
         build(*args, **kwargs)
 
-    data._build = counting_build
+    data.cache._build = counting_build
     barrier.wait()
     prepared = data.prepare_data(small_cfg(cache_dir, max_documents=20, vocab_size=300), seed=0)
     results.put((prepared.fingerprint, len(prepared.train), int(prepared.train[:]["input_ids"].sum())))

@@ -21,7 +21,8 @@ import pyarrow.parquet as pq
 import pytest
 from datasets import load_dataset
 
-from distrib import data, readers
+from distrib import data
+from distrib.data import readers
 from distrib.config import DataConfig, load_config
 from tests.conftest import ROOT
 
@@ -197,7 +198,7 @@ def test_compressed_files_read_as_their_plain_selves(tmp_path, compression):
 def test_cache_key_tells_a_compressed_file_from_its_plain_self(tmp_path):
     plain = paragraphs(tmp_path / "a.txt", 5)
     packed = _write(tmp_path / "a.txt.gz", plain.read_bytes())
-    keys = {data._cache_key(files_cfg(tmp_path, [p]))[0] for p in (plain, packed)}
+    keys = {data.cache._cache_key(files_cfg(tmp_path, [p]))[0] for p in (plain, packed)}
     assert len(keys) == 2
 
 

@@ -33,7 +33,7 @@ def long_text(chars: int, seed: int = 0) -> str:
 
 def test_pieces_cut_after_text_at_whitespace_and_join_back():
     text = long_text(200_000) + "x" * 5000 + long_text(3000, seed=1)  # a run with no whitespace at all
-    pieces = list(data._pieces(text, 1000))
+    pieces = list(data.tokenizer._pieces(text, 1000))
     assert "".join(pieces) == text
     assert all(500 < len(p) <= 1000 for p in pieces[:-1])
     hard = 0
@@ -43,7 +43,7 @@ def test_pieces_cut_after_text_at_whitespace_and_join_back():
         hard += 1
         assert "x" * 500 in before + after[:1]  # a hard cut only where no whitespace follows text
     assert 1 <= hard <= 6
-    assert list(data._pieces("short", 1000)) == ["short"] and list(data._pieces("", 10)) == [""]
+    assert list(data.tokenizer._pieces("short", 1000)) == ["short"] and list(data.tokenizer._pieces("", 10)) == [""]
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +54,9 @@ def tokenizer():
 def test_a_document_in_pieces_has_the_ids_of_the_whole(tokenizer, monkeypatch):
     text = long_text(2_000_000)  # 2 MB; some 1,000 pieces of at most 2,048 characters
     whole = tokenizer(text, add_special_tokens=False)["input_ids"]
-    monkeypatch.setattr(data, "_TOKENIZE_CHARS", 2048)
+    monkeypatch.setattr(data.tokenizer, "_TOKENIZE_CHARS", 2048)
     texts = ["a short one", text, "", "another short one"]
-    ids = data._token_ids(texts, tokenizer)
+    ids = data.tokenizer._token_ids(texts, tokenizer)
     assert ids.to_pylist()[1] == whole
     assert ids.to_pylist()[0] == tokenizer("a short one", add_special_tokens=False)["input_ids"]
     assert ids.to_pylist()[2] == []
@@ -65,9 +65,9 @@ def test_a_document_in_pieces_has_the_ids_of_the_whole(tokenizer, monkeypatch):
 def test_tokenizer_trained_on_pieces_is_the_one_trained_on_the_whole(monkeypatch):
     text = long_text(1_000_000, seed=3)
     cfg = DataConfig(vocab_size=400)
-    monkeypatch.setattr(data, "_TOKENIZE_CHARS", 1 << 30)
+    monkeypatch.setattr(data.tokenizer, "_TOKENIZE_CHARS", 1 << 30)
     whole = data.load_or_train_tokenizer(cfg, [text]).get_vocab()
-    monkeypatch.setattr(data, "_TOKENIZE_CHARS", 4096)
+    monkeypatch.setattr(data.tokenizer, "_TOKENIZE_CHARS", 4096)
     assert data.load_or_train_tokenizer(cfg, [text]).get_vocab() == whole
 
 
@@ -75,7 +75,7 @@ def test_prepared_blocks_of_a_one_line_corpus_are_its_whole_tokenization(tmp_pat
     text = long_text(2_000_000, seed=4).replace("\n", " ")  # one line, one document
     (tmp_path / "one-line.txt").write_text(text)
     (tmp_path / "val.txt").write_text(long_text(20_000, seed=5))
-    monkeypatch.setattr(data, "_TOKENIZE_CHARS", 1 << 14)  # some 120 pieces
+    monkeypatch.setattr(data.tokenizer, "_TOKENIZE_CHARS", 1 << 14)  # some 120 pieces
     cfg = DataConfig(source="files", train_files=[str(tmp_path / "one-line.txt")],
                      validation_files=[str(tmp_path / "val.txt")], vocab_size=400, seq_len=128,
                      cache_dir=str(tmp_path / "cache"), num_proc=1)

@@ -12,7 +12,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from datasets import Dataset
+from datasets import Dataset, Features, List, Value, concatenate_datasets, load_from_disk
 
 from distrib import data
 from tests.helpers import TINY
@@ -25,7 +25,7 @@ def reference_blocks(docs: list[list[int]], eos: int, seq_len: int) -> tuple[lis
 
 
 def tokenized(docs: list[list[int]]) -> Dataset:
-    return Dataset.from_dict({"input_ids": docs}, features=data.Features({"input_ids": data.List(data.Value("int32"))}))
+    return Dataset.from_dict({"input_ids": docs}, features=Features({"input_ids": List(Value("int32"))}))
 
 
 AWKWARD = {
@@ -42,12 +42,12 @@ AWKWARD = {
 @pytest.mark.parametrize("docs_per_slice", [1, 1 << 16])
 @pytest.mark.parametrize("name", list(AWKWARD))
 def test_streaming_pack_equals_the_reference_for_any_piece_size(name, piece, docs_per_slice, monkeypatch, tmp_path):
-    monkeypatch.setattr(data, "_STREAM_CHUNK_TOKENS", piece)
-    monkeypatch.setattr(data, "_STREAM_CHUNK_DOCS", docs_per_slice)
+    monkeypatch.setattr(data.packing, "_STREAM_CHUNK_TOKENS", piece)
+    monkeypatch.setattr(data.packing, "_STREAM_CHUNK_DOCS", docs_per_slice)
     docs = AWKWARD[name]
     expected, expected_tokens = reference_blocks(docs, eos=0, seq_len=4)
     for path in (None, tmp_path / "blocks.arrow"):
-        blocks, num_tokens = data._pack(tokenized(docs), eos_id=0, seq_len=4, path=path)
+        blocks, num_tokens = data.packing._pack(tokenized(docs), eos_id=0, seq_len=4, path=path)
         assert [list(b) for b in blocks["input_ids"]] == expected
         assert num_tokens == expected_tokens
         assert blocks.features["input_ids"].feature.dtype == "int32"
@@ -58,12 +58,12 @@ def test_streaming_pack_equals_the_reference_on_random_documents(monkeypatch, tm
     lengths = rng.choice([0, 1, 3, 7, 30, 200], size=300)
     docs = [rng.integers(1, 1000, size=int(n)).tolist() for n in lengths]
     expected, expected_tokens = reference_blocks(docs, eos=0, seq_len=16)
-    monkeypatch.setattr(data, "_STREAM_CHUNK_TOKENS", 37)  # piece boundaries inside blocks and documents
-    monkeypatch.setattr(data, "_STREAM_CHUNK_DOCS", 11)
+    monkeypatch.setattr(data.packing, "_STREAM_CHUNK_TOKENS", 37)  # piece boundaries inside blocks and documents
+    monkeypatch.setattr(data.packing, "_STREAM_CHUNK_DOCS", 11)
     # Several Arrow chunks, as map writes them, and a sliced column (offsets not starting at 0).
-    chunked = data.concatenate_datasets([tokenized(docs[:100]), tokenized(docs[100:250]), tokenized(docs[250:])])
+    chunked = concatenate_datasets([tokenized(docs[:100]), tokenized(docs[100:250]), tokenized(docs[250:])])
     for ds in (chunked, tokenized([[9, 9]] + docs).select(range(1, len(docs) + 1))):
-        blocks, num_tokens = data._pack(ds, eos_id=0, seq_len=16, path=tmp_path / "blocks.arrow")
+        blocks, num_tokens = data.packing._pack(ds, eos_id=0, seq_len=16, path=tmp_path / "blocks.arrow")
         assert [list(b) for b in blocks["input_ids"]] == expected
         assert num_tokens == expected_tokens
 
@@ -115,24 +115,24 @@ def _resident_kib(path) -> int:
 def test_reading_blocks_does_not_keep_the_file_resident(tmp_path, monkeypatch):
     rows = np.arange(4096 * 1024, dtype=np.int32).reshape(-1, 1024)  # 16 MiB of blocks
     Dataset.from_dict({"input_ids": rows}).save_to_disk(str(tmp_path / "blocks"))
-    blocks = data.load_from_disk(str(tmp_path / "blocks")).with_format("numpy")
-    (path,) = [os.path.realpath(f) for f in data._mapped_files(blocks)]
+    blocks = load_from_disk(str(tmp_path / "blocks")).with_format("numpy")
+    (path,) = [os.path.realpath(f) for f in data.pages._mapped_files(blocks)]
     assert blocks[:]["input_ids"].sum() == rows.sum()  # a whole pass: every page read
     assert _resident_kib(path) > 8 << 10
-    monkeypatch.setattr(data, "_RELEASE_EVERY_BATCHES", 4)
-    monkeypatch.setattr(data, "_collated", 0)  # the 4th call releases
+    monkeypatch.setattr(data.sampler, "_RELEASE_EVERY_BATCHES", 4)
+    monkeypatch.setattr(data.sampler, "_collated", 0)  # the 4th call releases
     batches = [data.collate(blocks, range(i, 4096, 512)) for i in range(4)]
     assert _resident_kib(path) < 2 << 10  # released, and the data still reads right
     assert all(torch.equal(b["input_ids"], torch.as_tensor(rows[i::512], dtype=torch.long)) for i, b in enumerate(batches))
 
 
 def test_saved_blocks_are_the_packed_blocks_in_batches_of_1000_rows(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "_STREAM_CHUNK_TOKENS", 997)  # many small record batches in the packed file
+    monkeypatch.setattr(data.packing, "_STREAM_CHUNK_TOKENS", 997)  # many small record batches in the packed file
     docs = [list(range(1, 1 + n % 50)) for n in range(3000)]
-    packed, _ = data._pack(tokenized(docs), eos_id=0, seq_len=8, path=tmp_path / "packed.arrow")
+    packed, _ = data.packing._pack(tokenized(docs), eos_id=0, seq_len=8, path=tmp_path / "packed.arrow")
     expected = packed[:]["input_ids"]
-    data._save_blocks(packed, tmp_path / "train")
-    saved = data.load_from_disk(str(tmp_path / "train"))
+    data.cache._save_blocks(packed, tmp_path / "train")
+    saved = load_from_disk(str(tmp_path / "train"))
     assert saved.features == packed.features and saved[:]["input_ids"] == expected
     sizes = [b.num_rows for b in saved.data.to_batches()]
     assert sizes[:-1] == [1000] * (len(sizes) - 1) and 0 < sizes[-1] <= 1000  # as save_to_disk writes them

@@ -60,7 +60,7 @@ def reference(corpus, tmp_path_factory) -> Path:
 
 def _start_team(cfg: DataConfig, n: int, fault: str) -> list[subprocess.Popen]:
     """``n`` processes preparing ``cfg``, all registered as waiting before any of them can build."""
-    key = data._cache_key(cfg)[0]
+    key = data.cache._cache_key(cfg)[0]
     root = Path(cfg.cache_dir)
     root.mkdir(parents=True)
     env = {**os.environ, "DISTRIB_FAULT": fault}
@@ -122,7 +122,7 @@ def test_a_build_alone_posts_no_tasks(corpus, tmp_path, monkeypatch):
     for var in ("WORLD_SIZE", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
         monkeypatch.delenv(var, raising=False)
     posted = []
-    monkeypatch.setattr(data._Board, "post", lambda self, *a: posted.append(a))
+    monkeypatch.setattr(data.team._Board, "post", lambda self, *a: posted.append(a))
     prepared = data.prepare_data(_cfg(corpus, tmp_path / "cache"), seed=0)
     assert posted == []
     meta = json.loads((prepared.cache_path / "meta.json").read_text())
@@ -133,6 +133,6 @@ def test_a_rank_of_a_job_posts_its_tasks_before_anyone_waits(corpus, tmp_path, m
     """Under a launcher the other ranks are on their way: the builder posts without waiting to see them."""
     monkeypatch.setenv("SLURM_NTASKS", "2")
     posted = []
-    monkeypatch.setattr(data._Board, "post", lambda self, job, tokenizer: posted.append(job))
+    monkeypatch.setattr(data.team._Board, "post", lambda self, job, tokenizer: posted.append(job))
     data.prepare_data(_cfg(corpus, tmp_path / "cache"), seed=0)
     assert [(job.split, len(job.tasks)) for job in posted] == [("train", 11), ("validation", 1)]

@@ -198,7 +198,7 @@ def test_pack_examples_keeps_examples_whole_and_truncates_or_drops_long_ones():
         "input_ids": [[1, 2, 3, 9], [4, 5, 9], [6, 6, 6, 6, 6, 7, 9], [8, 9], [1, 1, 1, 1, 1, 1, 1, 2]],
         "prompt_len": [2, 1, 3, 1, 7],
     })
-    blocks, stats = data._pack_examples(tokenized, pad_id=0, seq_len=6)
+    blocks, stats = data.packing._pack_examples(tokenized, pad_id=0, seq_len=6)
     assert blocks["input_ids"] == [[1, 2, 3, 9, 0, 0], [4, 5, 9, 0, 0, 0], [6, 6, 6, 6, 6, 7], [8, 9, 0, 0, 0, 0]]
     assert blocks["labels"] == [
         [IGNORE, IGNORE, 3, 9, IGNORE, IGNORE],
@@ -230,9 +230,9 @@ def _random_examples(n: int, seed: int = 0) -> Dataset:
 
 def test_pack_examples_is_independent_of_chunking_and_of_memory_or_file_output(tmp_path, monkeypatch):
     tokenized = _random_examples(500)
-    whole, stats = data._pack_examples(tokenized, pad_id=0, seq_len=48)
-    monkeypatch.setattr(data, "_PACK_CHUNK_TOKENS", 7 * 48)  # chunks of 7 examples, an open block carried across each
-    chunked, chunked_stats = data._pack_examples(tokenized, pad_id=0, seq_len=48, path=tmp_path / "blocks.arrow")
+    whole, stats = data.packing._pack_examples(tokenized, pad_id=0, seq_len=48)
+    monkeypatch.setattr(data.packing, "_PACK_CHUNK_TOKENS", 7 * 48)  # chunks of 7 examples, an open block carried across each
+    chunked, chunked_stats = data.packing._pack_examples(tokenized, pad_id=0, seq_len=48, path=tmp_path / "blocks.arrow")
     assert stats == chunked_stats and stats["examples"] == 500 and stats["dropped"] == 0
     for column in ("input_ids", "labels"):
         assert np.array_equal(np.asarray(whole[column]), np.asarray(chunked[column]))
@@ -244,7 +244,7 @@ def test_pack_examples_is_independent_of_chunking_and_of_memory_or_file_output(t
 
 
 def test_packing_is_deterministic_and_independent_of_num_proc(tmp_path, tokenizer_dir, monkeypatch):
-    monkeypatch.setattr(data, "_MIN_DOCS_PER_PROC", 1)  # let a small file use 2 workers
+    monkeypatch.setattr(data.team, "_MIN_DOCS_PER_PROC", 1)  # let a small file use 2 workers
     rows = [{"prompt": f"Task {i}: " + "do it " * (i % 7), "response": f"x = {i}\n" * (1 + i % 5)} for i in range(300)]
     train = write_jsonl(tmp_path / "train.jsonl", rows)
     cfg = pair_cfg(tmp_path, [train], [train], seq_len=64, tokenizer=str(tokenizer_dir))
@@ -278,13 +278,13 @@ def test_cache_key_follows_format_and_field_names(tmp_path):
     path = write_jsonl(tmp_path / "rows.jsonl", EXAMPLES)
     text = DataConfig(source="files", train_files=[str(path)], text_field="prompt")
     pairs = text.model_copy(update={"format": "prompt_response"})
-    keys = {data._cache_key(c)[0] for c in (
+    keys = {data.cache._cache_key(c)[0] for c in (
         text, pairs, pairs.model_copy(update={"prompt_field": "q"}), pairs.model_copy(update={"response_field": "a"}),
     )}
     assert len(keys) == 4
     # Text data ignores the pair fields, and keeps the key (and cache) it had before they existed.
-    assert data._cache_key(text.model_copy(update={"prompt_field": "q"}))[0] == data._cache_key(text)[0]
-    assert "data_format" not in data._cache_key(text)[1]
+    assert data.cache._cache_key(text.model_copy(update={"prompt_field": "q"}))[0] == data.cache._cache_key(text)[0]
+    assert "data_format" not in data.cache._cache_key(text)[1]
 
 
 # -- bad prompt/response data ----------------------------------------------------------------------
@@ -422,7 +422,7 @@ def test_builtin_instruct_prompts_hold_docstrings_and_responses_the_code(instruc
     examples = instruct["train"] + instruct["validation"]
     assert all(e["prompt"].startswith("Write a Python ") for e in examples)
     assert all(e["response"].startswith(("def ", "async def ")) for e in examples)
-    assert all(len(e["prompt"]) + len(e["response"]) <= data._INSTRUCT_MAX_CHARS for e in examples)
+    assert all(len(e["prompt"]) + len(e["response"]) <= data.builtin._INSTRUCT_MAX_CHARS for e in examples)
     for e in examples[::50]:
         compile(e["response"], "<response>", "exec")  # dedented, docstring cut out cleanly: valid Python
     quote = [e for e in examples if e["prompt"].startswith("Write a Python function `quote(s)` (module `shlex`)")]

@@ -130,7 +130,7 @@ def test_max_documents_stops_reading_the_train_split(tmp_path, monkeypatch, with
         assert got == train[:50] and validation == ["v"] * 3
     else:
         assert got == [t for t in train if t not in validation][:50]
-        assert len(validation) >= data._MIN_VALIDATION_DOCS
+        assert len(validation) >= data.builtin._MIN_VALIDATION_DOCS
     with pytest.raises(ConfigError) as err:  # the uncapped read does reach the broken shard
         load(cfg(tmp_path / "repo", tmp_path, validation_fraction=0.1), tmp_path)
     message = str(err.value)
@@ -183,7 +183,7 @@ def test_hash_split_is_deterministic_about_the_fraction_and_independent_of_batch
     monkeypatch.setattr(hub, "_STREAM_BATCH", 7)
     monkeypatch.setattr(hub, "_WRITE_BYTES", 100)
     assert (train, validation) == load(config, tmp_path, "c")
-    expected = [r["text"] for p, r in enumerate(rows) if r["text"] and data._stable_unit(str(p)) < 0.1]
+    expected = [r["text"] for p, r in enumerate(rows) if r["text"] and data.builtin._stable_unit(str(p)) < 0.1]
     assert validation == expected
     assert 0.08 < len(validation) / len(docs) < 0.12
     assert train == [t for t in docs if t not in set(validation)]
@@ -198,7 +198,7 @@ def test_a_small_dataset_still_holds_out_the_lowest_hashes(tmp_path):
     docs = texts(37)
     write_jsonl(tmp_path / "repo/train.jsonl", [{"text": t} for t in docs])
     train, validation = load(cfg(tmp_path / "repo", tmp_path, validation_fraction=0.001), tmp_path)
-    lowest = sorted(range(len(docs)), key=lambda p: data._stable_unit(str(p)))[: data._MIN_VALIDATION_DOCS]
+    lowest = sorted(range(len(docs)), key=lambda p: data.builtin._stable_unit(str(p)))[: data.builtin._MIN_VALIDATION_DOCS]
     assert validation == [docs[p] for p in sorted(lowest)]
     assert train == [d for p, d in enumerate(docs) if p not in lowest]
 
@@ -208,7 +208,7 @@ def test_prompt_response_without_validation_split_is_held_out_by_hash(tmp_path):
     write_parquet(tmp_path / "repo/data/train-00000-of-00001.parquet", rows)
     train, validation = load(cfg(tmp_path / "repo", tmp_path, format="prompt_response", validation_fraction=0.05),
                              tmp_path)
-    assert validation == [r for p, r in enumerate(rows) if data._stable_unit(str(p)) < 0.05]
+    assert validation == [r for p, r in enumerate(rows) if data.builtin._stable_unit(str(p)) < 0.05]
     assert len(train) + len(validation) == 400 and validation
 
 

@@ -27,7 +27,7 @@ def step_samples(num_samples, global_batch, micro_batch, dp_size, step, seed=0):
 
 @pytest.fixture
 def large_path(monkeypatch):
-    monkeypatch.setattr(data, "_EXACT_PERMUTATION_MAX", 0)
+    monkeypatch.setattr(data.sampler, "_EXACT_PERMUTATION_MAX", 0)
 
 
 def test_ten_billion_blocks_take_no_memory_per_block():
