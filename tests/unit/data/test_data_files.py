@@ -1,7 +1,7 @@
 """Which files ``data.train_files`` names, and the formats they may have: each file read once however many
 links and globs lead to it, ``.txt`` paragraphs as ``datasets`` makes them, CSV and compressed files.
 
-The bad inputs of these formats are refused in ``tests/unit/test_bad_data.py``.
+The bad inputs of these formats are refused in ``tests/unit/data/test_bad_data.py``.
 """
 
 from __future__ import annotations

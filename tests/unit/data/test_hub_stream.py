@@ -23,7 +23,7 @@ import distrib.data.hub as hub
 from distrib import data
 from distrib.config import ConfigError, DataConfig
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(autouse=True)

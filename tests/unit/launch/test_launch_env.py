@@ -24,7 +24,7 @@ from distrib.launch.env import (
     world_size_hint,
 )
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(autouse=True)

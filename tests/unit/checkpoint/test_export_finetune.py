@@ -202,7 +202,7 @@ print("PEAK", status("VmHWM") - baseline)
 def _peak(ckpt: Path, out: Path) -> int:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run([sys.executable, "-c", _MEASURE, str(ckpt), str(out)], capture_output=True, text=True,
-                          env=env, cwd=Path(__file__).resolve().parents[2], timeout=300)
+                          env=env, cwd=Path(__file__).resolve().parents[3], timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return int(proc.stdout.split("PEAK")[-1])
 

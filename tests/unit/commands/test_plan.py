@@ -21,7 +21,7 @@ from distrib.commands.plan import DEFAULT_SUB_GROUP_SIZE, GIB, activation_bytes,
 zero_1_2 = pytest.importorskip("deepspeed.runtime.zero.stage_1_and_2")
 zero_3 = pytest.importorskip("deepspeed.runtime.zero.stage3")
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "pretrain"
+CONFIGS = Path(__file__).resolve().parents[3] / "configs" / "pretrain"
 
 
 def _cfg(name: str, *overrides: str):
