@@ -43,7 +43,7 @@ def _set(typed: str) -> str:
     return f"remove it from deepspeed and set {typed}"
 
 
-_PRECISION = _set("precision=bf16, precision=fp16 or precision=fp32")
+_PRECISION = _set("precision=auto, precision=bf16, precision=fp16 or precision=fp32")
 
 #: DeepSpeed keys the typed config owns: dotted path under ``deepspeed`` -> (typed key, fix).
 #:

@@ -23,13 +23,16 @@ from distrib.config.parallel import ParallelConfig, _check_deepspeed, _check_jso
 from distrib.config.train import CheckpointConfig, EvalConfig, ExportConfig, MetricsConfig, TrainConfig
 from distrib.config.yaml_io import _Dumper, _one_line
 from distrib.errors import ConfigError
+from distrib.utils import resolve_precision
 
 
 class Config(_Section):
     output_dir: PathStr = Field("runs/default", min_length=1)
     # numpy's sampler RNG refuses negative seeds, and torch.manual_seed takes 64 bits (the trainer adds rank and step)
     seed: Int = Field(1234, ge=0, lt=2**63)
-    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    #: ``auto`` is bf16 where the device computes it natively, fp32 elsewhere (:func:`distrib.utils.resolve_precision`);
+    #: it is resolved when the config is loaded, so a run's saved config and its checkpoints name the precision used.
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", validate_default=True)
     #: Start from these weights (a distrib run directory, a checkpoint or a Hugging Face directory):
     #: weights, architecture and tokenizer only, never optimizer state or data position.
     init_from: PathStr | None = None
@@ -54,6 +57,11 @@ class Config(_Section):
         _check_deepspeed(ds)
         _check_json(ds)
         return ds
+
+    @field_validator("precision")
+    @classmethod
+    def _resolve_precision(cls, precision: str) -> str:
+        return resolve_precision(precision)
 
     @model_validator(mode="after")
     def _check(self) -> "Config":

@@ -329,8 +329,8 @@ def test_distillation_plans_the_teacher_weights_only_and_the_student_cut_from_it
                                  num_attention_heads=4, num_key_value_heads=2)).save_pretrained(teacher)
     n_teacher = sum(p.numel() for p in LlamaForCausalLM.from_pretrained(teacher).parameters())
     distill = str(ROOT / "configs/distill/tiny.yaml")
-    zero2 = plan(load_config(distill, [f"teacher={tmp_path / 'run'}", "parallel.zero_stage=2"]), 2)
-    zero3 = plan(load_config(distill, [f"teacher={tmp_path / 'run'}", "parallel.zero_stage=3"]), 2)
+    zero2 = plan(load_config(distill, [f"teacher={tmp_path / 'run'}", "parallel.zero_stage=2", "precision=bf16"]), 2)
+    zero3 = plan(load_config(distill, [f"teacher={tmp_path / 'run'}", "parallel.zero_stage=3", "precision=bf16"]), 2)
     assert zero2.teacher_params == n_teacher
     assert zero2.gpu.frozen == 2 * n_teacher  # bf16 weights, whole on every rank
     assert zero3.gpu.frozen == 2 * n_teacher / 2  # partitioned over dp=2

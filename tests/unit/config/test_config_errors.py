@@ -39,7 +39,7 @@ FILES = {
 TRAIN_KEYS = ", ".join(sorted(TrainConfig.model_fields))
 TOP_KEYS = ", ".join(sorted(Config.model_fields))
 MODEL_KEYS = ", ".join(sorted(ModelConfig.model_fields))
-PRECISION_FIX = "remove it from deepspeed and set precision=bf16, precision=fp16 or precision=fp32"
+PRECISION_FIX = "remove it from deepspeed and set precision=auto, precision=bf16, precision=fp16 or precision=fp32"
 
 
 def _fix(key: str) -> str:
@@ -52,7 +52,7 @@ BAD = [
     (TINY, ["train.foo=1"], [], f"unknown key 'train.foo'; valid keys here: {TRAIN_KEYS}"),
     (TINY, ["train.micro_batch_size=0"], [],
      f"train.micro_batch_size: Input should be greater than 0 (got 0); {_fix('train.micro_batch_size')}"),
-    (TINY, ["precision=fp8"], [], f"precision: Input should be 'bf16', 'fp16' or 'fp32' (got 'fp8'); {_fix('precision')}"),
+    (TINY, ["precision=fp8"], [], f"precision: Input should be 'auto', 'bf16', 'fp16' or 'fp32' (got 'fp8'); {_fix('precision')}"),
     (TINY, ["model.hidden_size=130"], [],
      "model.hidden_size=130 is not divisible by model.num_heads=4; pick a head count that divides the hidden size"),
     (TINY, ["model.num_kv_heads=3"], [],
