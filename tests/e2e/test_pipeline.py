@@ -35,17 +35,24 @@ def _fingerprint(run: Path) -> dict[str, str]:
 def test_pipeline_killed_during_finetuning_finishes_on_rerun_without_redoing_pretraining(tmp_path):
     out, cache = tmp_path / "pipe", tmp_path / "cache"
     first = _run(out, cache)
-    deadline = time.monotonic() + 600
-    while not (out / "finetune/checkpoints/latest").is_file():  # fine-tuning has saved at least once
-        assert first.poll() is None, first.stdout.read()[-4000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.5)
-    os.killpg(first.pid, signal.SIGKILL)  # the pipeline and every worker of the stage, at once
-    first.wait()
+    try:
+        deadline = time.monotonic() + 600
+        while not (out / "finetune/checkpoints/latest").is_file():  # fine-tuning has saved at least once
+            assert first.poll() is None, first.stdout.read()[-4000:]
+            assert time.monotonic() < deadline, "fine-tuning did not save a checkpoint within 10 minutes"
+            time.sleep(0.5)
+    finally:  # the pipeline and every worker of the stage, at once (and never left running when the test fails)
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
     pretrain_before = _fingerprint(out / "pretrain")
 
     second = _run(out, cache)
-    log = second.communicate(timeout=900)[0]
+    try:
+        log = second.communicate(timeout=900)[0]
+    finally:
+        if second.poll() is None:
+            os.killpg(second.pid, signal.SIGKILL)
+            second.wait()
     assert second.returncode == 0, log[-6000:]
     assert "distrib run: pretrain finished at step 60" in log and "skipped" in log
     after = _fingerprint(out / "pretrain")
