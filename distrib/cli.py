@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 from distrib.config import ConfigError, load_config
+from distrib.errors import TrainingError, full_disk
 from distrib.stages import STAGES
 
 EXIT_CONFIG = 2
@@ -151,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         return _train(args, cfg)
     except ConfigError as e:
         return _fail(str(e))
+    except TrainingError as e:  # outside a training run: an export that filled its disk, say
+        return _fail(str(e), EXIT_FAILED)
 
 
 def _prepare_data(cfg) -> int:
@@ -251,7 +254,7 @@ def _train(args, cfg) -> int:
     quiet_other_ranks()  # before DeepSpeed is imported: its import already warns
 
     from distrib.topology import Topology
-    from distrib.trainer import Trainer, TrainingError
+    from distrib.trainer import Trainer
     from distrib.utils import setup_logging
 
     setup_logging()
@@ -271,13 +274,29 @@ def _train(args, cfg) -> int:
         Trainer(cfg, topo, stage(), resume_from=resume_from, stop=stop).fit()
     except TrainingError as e:
         if topo.is_main or e.from_this_rank:
-            print(f"distrib: error: {e}", file=sys.stderr)
+            _say_from_worker(str(e))
+        return EXIT_FAILED
+    except Exception as e:
+        # A full disk where the ranks do not learn of it together: this rank says so, once, instead of a traceback.
+        disk = full_disk(e, cfg.output_dir)
+        if disk is None:
+            raise
+        _say_from_worker(f"writing to {cfg.output_dir} failed on rank {topo.rank}: {disk}; free space on it and run "
+                         "the same command to resume")
         return EXIT_FAILED
     finally:
         if lock is not None:
             lock.release()
         topo.shutdown()
     return 0
+
+
+def _say_from_worker(msg: str) -> None:
+    """A worker's one-line error: for the launcher to print when the job has ended, when it is ours, else now."""
+    from launch.local import hand_to_launcher
+
+    if not hand_to_launcher(msg):
+        print(f"distrib: error: {msg}", file=sys.stderr)
 
 
 def _finished(cfg, checkpoint) -> bool:

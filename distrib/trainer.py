@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -26,6 +27,7 @@ from distrib.base import model_ref
 from distrib.checkpoint import Checkpointer, TrainState, latest_checkpoint
 from distrib.config import Config
 from distrib.data import IGNORE_INDEX, GlobalBatchSampler, collate, prepare_data  # noqa: F401 (re-exported)
+from distrib.errors import TrainingError, settle  # noqa: F401 (TrainingError re-exported)
 from distrib.metrics import MetricsLogger, keep_rows_through, measure_peak_tflops
 from distrib.model import (count_parameters, deferred_weights, flops_per_token, forward_flops_per_token, hf_config,
                            matmul_shape)
@@ -117,14 +119,16 @@ class Trainer:
         if cfg.train.keep_host_memory and topo.device.type == "cpu":
             keep_freed_host_memory()  # before the model and its first step allocate
 
-        if topo.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.yaml").write_text(cfg.to_yaml())
-            Checkpointer.clean_partial_in(self.out / "checkpoints")
+        with self._writing("config.yaml"):
+            if topo.is_main:
+                self.out.mkdir(parents=True, exist_ok=True)
+                (self.out / "config.yaml").write_text(cfg.to_yaml())
+                Checkpointer.clean_partial_in(self.out / "checkpoints")
         self.data = prepare_data(cfg.data, cfg.seed)
         self._check_same_data()
-        if topo.is_main:
-            self.data.tokenizer.save_pretrained(self.out / "tokenizer")
+        with self._writing("tokenizer/"):
+            if topo.is_main:
+                self.data.tokenizer.save_pretrained(self.out / "tokenizer")
 
         self.hf_cfg = hf_config(cfg.model, vocab_size=len(self.data.tokenizer), seq_len=cfg.data.seq_len)
         self.ckpt = Checkpointer(self.out / "checkpoints", topo, cfg, self.data.tokenizer)
@@ -201,16 +205,39 @@ class Trainer:
             f"ZeRO-{cfg.parallel.zero_stage}, {cfg.precision}, grad accum {cfg.grad_accum_steps(topo.world_size)}, "
             f"{len(self.data.train)} train blocks of {cfg.data.seq_len} tokens"
         )
-        self.metrics = MetricsLogger(self.out, topo.is_main, tensorboard=cfg.metrics.tensorboard,
-                                     progress_bar=cfg.metrics.progress_bar, total_steps=cfg.train.max_steps,
-                                     start_step=self.state.step)
-        self.trace = None
-        if cfg.data.trace_samples:
-            (self.out / "trace").mkdir(parents=True, exist_ok=True)
-            trace = self.out / "trace" / f"samples-rank{topo.rank:05d}.jsonl"
-            if resume_from is not None:  # rows name the step before it counts: keep those done before step k
-                keep_rows_through(trace, self.state.step - 1)
-            self.trace = open(trace, "a" if resume_from is not None else "w", buffering=1)
+        with self._writing("metrics.jsonl"):
+            self.metrics = MetricsLogger(self.out, topo.is_main, tensorboard=cfg.metrics.tensorboard,
+                                         progress_bar=cfg.metrics.progress_bar, total_steps=cfg.train.max_steps,
+                                         start_step=self.state.step)
+        self.trace, self.trace_failure = None, None
+        with self._writing("trace/"):
+            if cfg.data.trace_samples:
+                (self.out / "trace").mkdir(parents=True, exist_ok=True)
+                trace = self.out / "trace" / f"samples-rank{topo.rank:05d}.jsonl"
+                if resume_from is not None:  # rows name the step before it counts: keep those done before step k
+                    keep_rows_through(trace, self.state.step - 1)
+                self.trace = open(trace, "a" if resume_from is not None else "w", buffering=1)
+
+    @contextmanager
+    def _writing(self, what: str):
+        """Run the body, a write of files the run keeps (rank 0's shared ones, or each rank's own); then every
+        rank learns whether it failed on any rank, and if so all raise together, instead of the others
+        waiting in their next collective for a rank that has gone.
+
+        Raises:
+            TrainingError: on every rank, naming what failed (a full disk: which file system) and the run.
+        """
+        error = None
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001 (every rank learns of it below)
+            error = e
+        settle(self.topo, error, self.out, f"writing {what} of {self.out}", self._kept,
+               then="run the same command to resume")
+
+    def _kept(self) -> str:
+        last = latest_checkpoint(self.out / "checkpoints")
+        return f"the last checkpoint ({last.name}) is intact" if last else "no checkpoint was written yet"
 
     def _compile(self) -> bool:
         """Compile the engines' models under ``model.compile`` (see :func:`compile_decision`); whether it did."""
@@ -313,11 +340,13 @@ class Trainer:
             mine[name] = held(engine)[0]
         ranks = [None] * self.topo.world_size
         dist.all_gather_object(ranks, mine)
+        with self._writing("layout.json"):
+            if self.topo.is_main:
+                layout = {"world_size": self.topo.world_size, "dp": self.topo.dp, "tp": self.topo.tp,
+                          "zero_stage": self.cfg.parallel.zero_stage, "total_params": self.n_params,
+                          "trainable_params": self.trainable["trainable"], "ranks": ranks}
+                (self.out / "layout.json").write_text(json.dumps(layout, indent=1))
         if self.topo.is_main:
-            layout = {"world_size": self.topo.world_size, "dp": self.topo.dp, "tp": self.topo.tp,
-                      "zero_stage": self.cfg.parallel.zero_stage, "total_params": self.n_params,
-                      "trainable_params": self.trainable["trainable"], "ranks": ranks}
-            (self.out / "layout.json").write_text(json.dumps(layout, indent=1))
             if after_step:
                 log_main(f"optimizer state per rank: {opt_bytes / 2**20:.2f} MiB (measured after the first step)")
             else:
@@ -374,11 +403,23 @@ class Trainer:
         return record
 
     def _should_stop(self, steps_this_run: int) -> bool:
+        """Whether the run stops after this step, agreed by every rank (or the collectives of the save would hang).
+
+        Raises:
+            TrainingError: on every rank, when a write of this step failed on any rank (rank 0's metrics, a
+                rank's trace): the ranks learn of it here, where they all meet.
+        """
         t = self.cfg.train
         local = self.stop.requested
         local |= t.exit_after_steps is not None and steps_this_run >= t.exit_after_steps
         local |= t.exit_after_minutes is not None and (time.monotonic() - self.started) / 60 >= t.exit_after_minutes
-        return self.topo.any(local)  # every rank must agree, or the collectives of the save would hang
+        failed = self.metrics.failure or self.trace_failure
+        verdict = self.topo.max(2.0 if failed is not None else float(local))  # one collective per step, as before
+        if verdict > 1:
+            with self._writing("metrics.jsonl" if self.metrics.failure is not None else "trace/"):
+                if failed is not None:
+                    raise failed
+        return verdict > 0
 
     def train_step(self) -> dict:
         """One optimizer step over the global batch; returns its metrics.
@@ -431,9 +472,12 @@ class Trainer:
                 grad_norm = _grad_norm(self.engine)  # reduced gradients, before the step consumes them
             self.topo.mark(step, i, "step")
             self.engine.step()
-        if self.trace is not None:
-            self.trace.write(json.dumps({"step": self.state.step, "rank": self.topo.rank,
-                                         "indices": [int(i) for ix in micro for i in ix]}) + "\n")
+        if self.trace is not None and self.trace_failure is None:
+            try:
+                self.trace.write(json.dumps({"step": self.state.step, "rank": self.topo.rank,
+                                             "indices": [int(i) for ix in micro for i in ix]}) + "\n")
+            except OSError as e:  # a full disk: every rank stops on it at the end of the step (_should_stop)
+                self.trace_failure = e
         names = sorted(parts)
         sums = self._global([total, *(parts[k] for k in names)])
         if not math.isfinite(sums[0]):
@@ -476,11 +520,13 @@ class Trainer:
         """Train to ``train.max_steps`` (or until asked to stop), checkpoint, export.
 
         Raises:
-            TrainingError: a non-finite loss under ``train.nonfinite=stop``, or a collective that timed
-                out (naming the ranks that did not arrive).
+            TrainingError: a non-finite loss under ``train.nonfinite=stop``, a collective that timed out
+                (naming the ranks that did not arrive), or a write that failed on any rank (a full disk).
         """
         try:
             return self._fit()
+        except TrainingError:
+            raise  # said already (its text may well hold "timeout", in a path)
         except (RuntimeError, dist.DistBackendError) as e:
             if "timed out" not in str(e).lower() and "timeout" not in str(e).lower():
                 raise
@@ -501,7 +547,7 @@ class Trainer:
                 record.update(self.evaluate())
             if state.step % cfg.train.log_every_steps == 0 or last or "eval_loss" in record:
                 self.metrics.log(record)
-            stop = not last and self._should_stop(steps_this_run)
+            stop = self._should_stop(steps_this_run) and not last
             if state.step % cfg.checkpoint.every_steps == 0 or last or stop:
                 self.topo.mark(state.step, 0, "save")
                 self.ckpt.save(self.engine, state)
@@ -511,9 +557,10 @@ class Trainer:
                 break
         if state.step == cfg.train.max_steps and saved_at != state.step:
             self.ckpt.save(self.engine, state)
-        self.metrics.close()
-        if self.trace is not None:
-            self.trace.close()
+        with self._writing("metrics.jsonl"):  # closing writes what TensorBoard still holds
+            self.metrics.close()
+            if self.trace is not None:
+                self.trace.close()
         if state.step == cfg.train.max_steps and cfg.export.at_end:
             self.export()
         return state
@@ -645,18 +692,6 @@ def optimizer_state_bytes(optimizer) -> int:
                 add(t)
         opt = getattr(opt, "optimizer", None)
     return sum(seen.values())
-
-
-class TrainingError(RuntimeError):
-    """A run that cannot go on, said in one line (the CLI prints it and exits 1).
-
-    Every rank raises it together, and rank 0 speaks; ``from_this_rank`` marks what only the raising
-    rank knows (which rank did not arrive at a collective), so that it speaks too.
-    """
-
-    def __init__(self, msg: str, from_this_rank: bool = False):
-        super().__init__(msg)
-        self.from_this_rank = from_this_rank
 
 
 def _grad_norm(engine) -> float:
