@@ -10,8 +10,9 @@ training holds its statistics of up to ``_TOKENIZER_TRAIN_CHARS`` characters, a 
 both corpora are then prepared with it (``data.tokenizer=``), each in a fresh process with its own
 cache directory, by ``distrib prepare-data``'s function (:func:`distrib.data.prepare_data`).
 
-Reported per run: the peak resident set of the process (``ru_maxrss`` of that child, from
-``os.wait4``), the peaks of its anonymous and file-backed parts sampled from ``/proc`` every 20 ms
+Reported per run: the peak resident set of the process (its ``VmHWM``, read from ``/proc`` every
+20 ms: a child's ``ru_maxrss`` would carry this process's peak across ``exec``; the last 20 ms before
+it exits are not seen), the peaks of its anonymous and file-backed parts sampled from ``/proc`` as often
 (memory-mapped Arrow files count as resident while their pages are, but the kernel can drop them),
 the tokens, and the tokenize-and-pack throughput (tokens over the seconds ``prepare_data`` took).
 Then, for each cache, a fresh process reads ``--batches`` micro-batches through what training
@@ -99,7 +100,9 @@ def measure(code: str, args: list[str], pythonpath: str, cwd: Path) -> dict:
            "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
     proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             cwd=cwd, env=env, text=True)
-    peaks = {"RssAnon": 0, "RssFile": 0}
+    # VmHWM, not wait4's ru_maxrss: that is kept across exec, so it would be this process's own peak
+    # whenever that is the higher. The child reports nothing itself: it may run another checkout.
+    peaks = {"VmHWM": 0, "RssAnon": 0, "RssFile": 0}
     done = threading.Event()
 
     def sample() -> None:
@@ -116,14 +119,13 @@ def measure(code: str, args: list[str], pythonpath: str, cwd: Path) -> dict:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     out, err = proc.stdout.read(), proc.stderr.read()  # small, so reading both in turn cannot block
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    proc.wait()
     done.set()
     sampler.join()
     if proc.returncode != 0:
         raise SystemExit(f"child failed ({proc.returncode}):\n{err[-3000:]}")
     result = json.loads(out.strip().splitlines()[-1])
-    result.update(peak_rss_mib=usage.ru_maxrss / 1024, peak_anon_mib=peaks["RssAnon"] / 1024,
+    result.update(peak_rss_mib=peaks["VmHWM"] / 1024, peak_anon_mib=peaks["RssAnon"] / 1024,
                   peak_file_mib=peaks["RssFile"] / 1024)
     return result
 

@@ -55,7 +55,7 @@ def _tokenizer(vocab: int):
 
 def _topology():
     """A one-process job: its rendezvous on a free local port."""
-    from distrib.topology import Topology
+    from distrib.parallel.topology import Topology
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -84,7 +84,7 @@ def make_checkpoint(out: Path, layers: int) -> None:
     from distrib.checkpoint import TrainState
     from distrib.config import load_config
     from distrib.model import build_model, hf_config
-    from distrib.parallelize import build_engine, deepspeed_config
+    from distrib.parallel.engine import build_engine, deepspeed_config
 
     cfg = load_config(str(ROOT / "configs/pretrain/tiny.yaml"), [
         f"output_dir={out}", *WIDTH, f"model.num_layers={layers}", "precision=bf16", "parallel.zero_stage=2",
@@ -99,12 +99,12 @@ def make_checkpoint(out: Path, layers: int) -> None:
 
 def make_finetune_checkpoint(out: Path, base: Path) -> None:
     """One optimizer step of a LoRA fine-tune of ``base`` on random tokens, saved as the trainer saves it."""
-    from distrib.adapters import apply_freeze, apply_lora
-    from distrib.base import model_ref
+    from distrib.model.adapters import apply_freeze, apply_lora
+    from distrib.checkpoint.base import model_ref
     from distrib.checkpoint import TrainState
     from distrib.config import load_config
     from distrib.model import build_model, hf_config
-    from distrib.parallelize import build_engine, deepspeed_config
+    from distrib.parallel.engine import build_engine, deepspeed_config
 
     cfg = load_config(str(ROOT / "configs/finetune/tiny-lora.yaml"), [
         f"output_dir={out}", f"init_from={base}", f"model.pretrained={base}", f"data.tokenizer={base}",
@@ -134,9 +134,9 @@ def export(ckpt: Path, out: Path, how: str, shard_mb: int | None) -> None:
     from transformers.modeling_utils import remove_tied_weights_from_state_dict  # noqa: F401
 
     from distrib.config import Config
-    from distrib.export import consolidated_state_dict, export_checkpoint
+    from distrib.checkpoint.export import consolidated_state_dict, export_checkpoint
     from distrib.model import empty_model, hf_config
-    from distrib.parallelize import torch_dtype
+    from distrib.parallel.engine import torch_dtype
 
     baseline = _status("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS: the peak from here on
@@ -144,7 +144,7 @@ def export(ckpt: Path, out: Path, how: str, shard_mb: int | None) -> None:
     if how == "streamed":
         export_checkpoint(ckpt, out, **({"max_shard_size": shard_mb * 2**20} if shard_mb else {}))
     elif how == "finetune_in_memory":  # a fine-tune's export as it was: the base loaded whole (_on_base)
-        from distrib import export as ex
+        from distrib.checkpoint import export as ex
 
         cfg = Config.model_validate(yaml.safe_load((ckpt / "config.yaml").read_text()))
         dtype = torch_dtype(cfg.precision)

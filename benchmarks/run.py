@@ -51,7 +51,7 @@ def prepare(work: Path, nproc: int) -> dict:
     from distrib.config import load_config
     from distrib.data import prepare_data
     from distrib.model import count_parameters, flops_per_token, hf_config, matmul_shape
-    from distrib.parallelize import deepspeed_config
+    from distrib.parallel.engine import deepspeed_config
 
     cfg = load_config(str(REFERENCE), batch_overrides(nproc))
     data = prepare_data(cfg.data, cfg.seed)
@@ -78,7 +78,7 @@ def batch_overrides(nproc: int) -> list[str]:
 
 def peak_tflops(shape: tuple[int, int, int]) -> float:
     """The best bf16 matmul rate of one thread on ``shape`` (m, k, n), in a fresh process."""
-    code = ("import torch; torch.set_num_threads(1); from distrib.metrics import measure_peak_tflops; "
+    code = ("import torch; torch.set_num_threads(1); from distrib.train.metrics import measure_peak_tflops; "
             f"print(measure_peak_tflops(torch.bfloat16, shape={tuple(shape)}, trials=10, seconds=0.3))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -6,7 +6,7 @@
 Builds a Llama (by default the TinyLlama shape, 1.1 B parameters, bf16) the way a training run does —
 model, tensor-parallel plan, DeepSpeed engine with its AdamW (ZeRO-1; ``--no-optimizer``: an engine
 without optimizer) — once in 1 process at tp=1 and once in 2 processes at tp=2, without data or
-training steps, and prints each rank's peak resident memory (``ru_maxrss``) once its weights are all
+training steps, and prints each rank's peak resident memory (its own ``VmHWM``) once its weights are all
 there, once its engine exists, and once every weight has been read (as the first forward pass reads them:
 a model loaded from a memory-mapped file is resident only then). A model split by tensor parallelism is
 built empty and each rank fills only its own shards, so a tp=2 rank should peak at little more than half a
@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -38,11 +37,12 @@ MIB = 2**20
 def worker(args) -> None:
     """One rank: build as ``Trainer.__init__`` does, then report the peak to ``args.out``."""
     sys.path.insert(0, str(ROOT))
-    from distrib import tensor_parallel
+    from distrib.parallel import tensor_parallel
     from distrib.model import build_model, count_parameters, deferred_weights, hf_config
-    from distrib.parallelize import build_engine, deepspeed_config, torch_dtype
-    from distrib.tensor_parallel import apply_plan, materialize_shards
-    from distrib.topology import Topology
+    from distrib.parallel.engine import build_engine, deepspeed_config, torch_dtype
+    from distrib.parallel.tensor_parallel import apply_plan, materialize_shards
+    from distrib.parallel.topology import Topology
+    from distrib.utils import peak_rss_bytes
     import torch
 
     topo = Topology.init(tp=args.tp)
@@ -50,15 +50,12 @@ def worker(args) -> None:
     hf_cfg = hf_config(cfg.model, seq_len=2048)
     ds_config = deepspeed_config(cfg, topo.world_size)
     dtype = torch_dtype(cfg.precision)
-    def maxrss():
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-    marks = {"before_build": maxrss()}
+    marks = {"before_build": peak_rss_bytes()}
     fill = tensor_parallel.fill_shards
 
     def fill_and_mark(*a, **kw):  # the model's weights are all there once this returns
         fill(*a, **kw)
-        marks["weights"] = maxrss()
+        marks["weights"] = peak_rss_bytes()
 
     tensor_parallel.fill_shards = fill_and_mark
     with deferred_weights(topo.tp > 1 and not args.whole):
@@ -68,20 +65,20 @@ def worker(args) -> None:
             model = DistillStage().build_frozen(cfg, dtype)["teacher"]
         else:
             model = build_model(cfg.model, hf_cfg, seed=cfg.seed, dtype=dtype)
-    marks.setdefault("weights", maxrss())
+    marks.setdefault("weights", peak_rss_bytes())
     if args.no_optimizer:
         model.requires_grad_(False)  # an engine without optimizer: what the model itself costs
     if topo.tp > 1:
         ds_config = apply_plan(model, cfg, ds_config)
     with materialize_shards(model):
         engine = build_engine(model, cfg, topo, ds_config)
-    peak = maxrss()
+    peak = peak_rss_bytes()
     with torch.no_grad():
         for p in engine.module.parameters():
             p.sum()  # every byte read, as by the first forward pass
     param_bytes = sum(p.numel() * p.element_size() for p in engine.module.parameters())
     row = {"tp": args.tp, "rank": topo.rank, "peak_rss_bytes": peak, "rss_before_build_bytes": marks["before_build"],
-           "peak_rss_weights_bytes": marks["weights"], "peak_rss_read_bytes": maxrss(),
+           "peak_rss_weights_bytes": marks["weights"], "peak_rss_read_bytes": peak_rss_bytes(),
            "param_bytes": param_bytes, "n_params": count_parameters(hf_cfg)}
     with open(args.out, "a") as f:
         f.write(json.dumps(row) + "\n")

@@ -1,5 +1,5 @@
 import sys
 
-from distrib.cli import main
+from distrib.commands.cli import main
 
 sys.exit(main())

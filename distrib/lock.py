@@ -15,7 +15,7 @@ import socket
 import time
 from pathlib import Path
 
-from distrib.config import ConfigError
+from distrib.errors import ConfigError
 
 #: Set in the workers of a run whose launching process holds the lock (they must not take it again).
 HELD_ENV = "DISTRIB_RUN_LOCK_HELD"

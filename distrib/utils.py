@@ -1,18 +1,21 @@
-"""Small helpers shared across the package: rank-aware logging."""
+"""Small helpers shared across the package: rank-aware logging, warnings, signals and host memory."""
 
 from __future__ import annotations
 
 import logging
 import os
+import resource
 import signal
 import sys
 import warnings
+
+from distrib.launch.env import launcher_rank
 
 logger = logging.getLogger("distrib")
 
 
 def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
+    return launcher_rank()
 
 
 def setup_logging() -> None:
@@ -68,40 +71,26 @@ def quiet_other_ranks(rank: int | None = None) -> None:
         warnings.filterwarnings("ignore", category=category)
 
 
+#: What torch says of the collectives DeepSpeed's ZeRO calls on every step: ``deepspeed.comm`` picks
+#: ``torch.distributed.all_gather_into_tensor`` (ZeRO-1 and 2) and ``reduce_scatter_tensor`` (ZeRO-3),
+#: deprecated in torch 2.13 for ``all_gather_single`` and ``reduce_scatter_single``. The calls are
+#: DeepSpeed's to change (distrib makes neither), and the warning would come back with each step.
+DEEPSPEED_DEPRECATIONS = r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated\."
+
+
+def hide_deepspeed_deprecations() -> None:
+    """Hide torch's deprecation of the two collectives DeepSpeed calls every step, on every rank; only those.
+
+    Call at worker start; other FutureWarnings still show (on rank 0, see :func:`quiet_other_ranks`).
+    """
+    warnings.filterwarnings("ignore", message=DEEPSPEED_DEPRECATIONS, category=FutureWarning)
+
+
 def log_main(msg: str) -> None:
     """Log on rank 0 only."""
     if _rank() == 0:
         setup_logging()
         logger.info(msg)
-
-
-def die_with_launcher(poll_seconds: float = 0.5) -> None:
-    """End this worker when the elastic agent that started it dies (``kill -9`` of ``distrib ... --nproc-per-node``
-    or of ``torchrun``).
-
-    The agent starts workers in sessions of their own, so a SIGKILL of the agent leaves them running as
-    orphans that would keep writing to a run directory whose lock died with the agent. A daemon thread
-    watches the parent and kills this process within ``poll_seconds`` of it going away. Only under an
-    elastic agent (``TORCHELASTIC_RUN_ID`` set); srun and mpirun end their tasks themselves.
-    """
-    import os
-    import signal
-    import sys
-    import threading
-    import time
-
-    if not os.environ.get("TORCHELASTIC_RUN_ID"):
-        return
-    parent = os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(poll_seconds)
-        print(f"distrib: the launcher (pid {parent}) is gone; stopping this worker (pid {os.getpid()})",
-              file=sys.stderr, flush=True)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    threading.Thread(target=watch, name="distrib-die-with-launcher", daemon=True).start()
 
 
 class StopRequest:
@@ -119,6 +108,26 @@ class StopRequest:
 
     def _handle(self, signum, frame):
         self.requested = True
+
+
+def peak_rss_bytes() -> int:
+    """This process's own peak resident memory so far, in bytes.
+
+    On Linux ``VmHWM`` of ``/proc/self/status``: the high-water mark of this process's address
+    space, which ``exec`` starts afresh. ``getrusage``'s ``ru_maxrss`` is kept across ``exec``, so a
+    worker started by a launcher would report the launcher's peak (its data preparation) whenever
+    that is higher than its own; it is only the fallback where there is no ``/proc`` (macOS reports
+    it in bytes, other systems in kibibytes).
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # "VmHWM:  123456 kB"
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def keep_freed_host_memory() -> bool:

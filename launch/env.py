@@ -63,6 +63,9 @@ Launchers are tried in this order (the first that matches wins):
 
 An inconsistent environment raises :class:`LaunchEnvError` with one line that names the
 variable and the fix.
+
+:func:`nccl_env` is the rest of what torch reads from the environment when a process group is
+made: how NCCL's watchdog ends a collective that timed out, and where its flight recorder dumps.
 """
 
 from __future__ import annotations
@@ -85,6 +88,9 @@ __all__ = [
     "first_host",
     "parse_tasks_per_node",
     "slurm_port",
+    "nccl_env",
+    "NCCL_ASYNC_ERROR_HANDLING",
+    "FLIGHT_RECORDER_DIR",
 ]
 
 LAUNCHERS = ("torchrun", "slurm", "mpi", "none")
@@ -494,39 +500,7 @@ def _detect_slurm(environ: Mapping[str, str]) -> LaunchEnv:
         raise LaunchEnvError("SLURM_LOCALID is not set inside an srun step; start the ranks with srun")
     local_rank = local[1]
 
-    node = _int_var(environ, "SLURM_NODEID", "SLURM_STEP_NODEID")
-    tpn = _get(environ, "SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE")
-    if tpn is not None:
-        tpn_name, tpn_value = tpn
-        try:
-            counts = parse_tasks_per_node(tpn_value)
-        except ValueError:
-            raise LaunchEnvError(
-                f"{tpn_name}={tpn_value!r} is not a tasks-per-node list like '2(x3),1'; unset it or fix it"
-            ) from None
-        if node is None and len(counts) > 1:
-            raise LaunchEnvError(
-                f"SLURM_NODEID is not set but {tpn_name}={tpn_value!r} spans several nodes; start the ranks with srun"
-            )
-        node_name, node_rank = node if node else ("SLURM_NODEID", 0)
-        if node_rank >= len(counts):
-            raise LaunchEnvError(
-                f"{node_name}={node_rank} but {tpn_name}={tpn_value!r} lists only {len(counts)} node(s); "
-                "unset stale Slurm variables or start the ranks with srun"
-            )
-        local_world = counts[node_rank]
-        lsize_name = f"this node's task count (entry {node_rank} of {tpn_name}={tpn_value!r})"
-    else:
-        per_node = _int_var(environ, "SLURM_NTASKS_PER_NODE", minimum=1)
-        if per_node is None:
-            if world != 1:
-                raise LaunchEnvError(
-                    "SLURM_TASKS_PER_NODE and SLURM_NTASKS_PER_NODE are both unset inside an srun step; "
-                    "start the ranks with srun (which sets them) or export SLURM_NTASKS_PER_NODE"
-                )
-            per_node = ("SLURM_NTASKS_PER_NODE", 1)
-        lsize_name, local_world = per_node
-        node_rank = node[1] if node else rank // local_world
+    node_rank, lsize_name, local_world = _slurm_node(environ, rank, world)
     if local_world > world:
         raise LaunchEnvError(
             f"{lsize_name} is {local_world}, more than {world_name}={world}; unset stale Slurm variables"
@@ -538,35 +512,80 @@ def _detect_slurm(environ: Mapping[str, str]) -> LaunchEnv:
         )
     if node_rank >= world:
         raise LaunchEnvError(f"SLURM_NODEID={node_rank} is not below {world_name}={world}; unset stale Slurm variables")
+    master_addr = _slurm_master_addr(environ)
+    master_port = _slurm_master_port(environ)
+    return LaunchEnv("slurm", rank, local_rank, world, local_world, node_rank, master_addr, master_port)
 
+
+def _slurm_node(environ: Mapping[str, str], rank: int, world: int) -> tuple[int, str, int]:
+    """(node rank, what names the local world size in a message, local world size) of a Slurm task.
+
+    The local world size is this node's entry of ``SLURM_STEP_TASKS_PER_NODE`` (else ``SLURM_TASKS_PER_NODE``),
+    else ``SLURM_NTASKS_PER_NODE``.
+    """
+    node = _int_var(environ, "SLURM_NODEID", "SLURM_STEP_NODEID")
+    tpn = _get(environ, "SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE")
+    if tpn is None:
+        per_node = _int_var(environ, "SLURM_NTASKS_PER_NODE", minimum=1)
+        if per_node is None:
+            if world != 1:
+                raise LaunchEnvError(
+                    "SLURM_TASKS_PER_NODE and SLURM_NTASKS_PER_NODE are both unset inside an srun step; "
+                    "start the ranks with srun (which sets them) or export SLURM_NTASKS_PER_NODE"
+                )
+            per_node = ("SLURM_NTASKS_PER_NODE", 1)
+        lsize_name, local_world = per_node
+        return (node[1] if node else rank // local_world), lsize_name, local_world
+    tpn_name, tpn_value = tpn
+    try:
+        counts = parse_tasks_per_node(tpn_value)
+    except ValueError:
+        raise LaunchEnvError(
+            f"{tpn_name}={tpn_value!r} is not a tasks-per-node list like '2(x3),1'; unset it or fix it"
+        ) from None
+    if node is None and len(counts) > 1:
+        raise LaunchEnvError(
+            f"SLURM_NODEID is not set but {tpn_name}={tpn_value!r} spans several nodes; start the ranks with srun"
+        )
+    node_name, node_rank = node if node else ("SLURM_NODEID", 0)
+    if node_rank >= len(counts):
+        raise LaunchEnvError(
+            f"{node_name}={node_rank} but {tpn_name}={tpn_value!r} lists only {len(counts)} node(s); "
+            "unset stale Slurm variables or start the ranks with srun"
+        )
+    return node_rank, f"this node's task count (entry {node_rank} of {tpn_name}={tpn_value!r})", counts[node_rank]
+
+
+def _slurm_master_addr(environ: Mapping[str, str]) -> str:
+    """``MASTER_ADDR``, else the first host of the step's node list (where task 0 runs)."""
     addr = _get(environ, "MASTER_ADDR")
     if addr is not None:
-        master_addr = addr[1]
-    else:
-        nodelist = _get(environ, "SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST")
-        if nodelist is None:
-            raise LaunchEnvError(
-                "neither MASTER_ADDR nor SLURM_STEP_NODELIST/SLURM_JOB_NODELIST/SLURM_NODELIST is set; "
-                "export MASTER_ADDR=<host of task 0>"
-            )
-        try:
-            master_addr = first_host(nodelist[1])
-        except ValueError as exc:
-            raise LaunchEnvError(
-                f"{nodelist[0]}={nodelist[1]!r} is not a Slurm hostlist ({exc}); export MASTER_ADDR instead"
-            ) from None
+        return addr[1]
+    nodelist = _get(environ, "SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST")
+    if nodelist is None:
+        raise LaunchEnvError(
+            "neither MASTER_ADDR nor SLURM_STEP_NODELIST/SLURM_JOB_NODELIST/SLURM_NODELIST is set; "
+            "export MASTER_ADDR=<host of task 0>"
+        )
+    try:
+        return first_host(nodelist[1])
+    except ValueError as exc:
+        raise LaunchEnvError(
+            f"{nodelist[0]}={nodelist[1]!r} is not a Slurm hostlist ({exc}); export MASTER_ADDR instead"
+        ) from None
 
+
+def _slurm_master_port(environ: Mapping[str, str]) -> int:
+    """``MASTER_PORT``, else a port every task derives from the job id without talking to the others."""
     port = _get(environ, "MASTER_PORT")
     if port is not None:
-        master_port = _port(*port)
-    else:
-        job = _int_var(environ, "SLURM_JOB_ID", "SLURM_JOBID")
-        if job is None:
-            raise LaunchEnvError(
-                "neither MASTER_PORT nor SLURM_JOB_ID is set; export MASTER_PORT (the same free port on every task)"
-            )
-        master_port = slurm_port(job[1])
-    return LaunchEnv("slurm", rank, local_rank, world, local_world, node_rank, master_addr, master_port)
+        return _port(*port)
+    job = _int_var(environ, "SLURM_JOB_ID", "SLURM_JOBID")
+    if job is None:
+        raise LaunchEnvError(
+            "neither MASTER_PORT nor SLURM_JOB_ID is set; export MASTER_PORT (the same free port on every task)"
+        )
+    return slurm_port(job[1])
 
 
 def _detect_mpi(environ: Mapping[str, str]) -> LaunchEnv:
@@ -669,6 +688,22 @@ def detect(environ: Mapping[str, str] = os.environ) -> LaunchEnv:
     return _DETECTORS[_classify(environ)](environ)
 
 
+#: Where launchers put this process's global rank, in the order they are trusted.
+RANK_VARS = ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
+
+
+def launcher_rank(environ: Mapping[str, str] = os.environ) -> int:
+    """This process's global rank as its launcher set it (0 when started by hand), without validating the rest.
+
+    For what every rank says once (rank 0 speaks): cheap enough to call before :func:`detect` has run or when
+    it would refuse the environment.
+    """
+    for name in RANK_VARS:
+        if environ.get(name, "").isdigit():
+            return int(environ[name])
+    return 0
+
+
 def world_size_hint(environ: Mapping[str, str] = os.environ) -> int | None:
     """The number of ranks the launcher announced, from the environment alone.
 
@@ -688,3 +723,44 @@ def world_size_hint(environ: Mapping[str, str] = os.environ) -> int | None:
         found = _int_var(environ, family[1], minimum=1) if family[1] else None
         return found[1] if found else None
     return None
+
+
+# --------------------------------------------------------------------------- NCCL
+
+#: ``TORCH_NCCL_ASYNC_ERROR_HANDLING`` for NCCL runs: 2 (CleanUpOnly). When a collective times out, NCCL's
+#: watchdog aborts the communicators and leaves the process alive, so the waiting rank's next collective
+#: raises ("NCCL communicator was aborted ...") and the loop names the rank that did not arrive. torch's
+#: default, 3, and torchrun's, 1, end the process with SIGABRT before Python sees anything.
+NCCL_ASYNC_ERROR_HANDLING = "2"
+#: Where, under a run's output directory, torch's flight recorder writes one dump per rank (``rank_<R>``).
+FLIGHT_RECORDER_DIR = "flight_recorder"
+
+
+def nccl_env(run_dir: str | os.PathLike | None, environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """The variables a NCCL process group is made with, so that a hung rank ends the job naming it.
+
+    Set before the process group exists (torch reads them when it makes one): the error handling above;
+    a dump of the flight recorder (the last collectives of every rank, ``torchfrtrace`` reads them) on a
+    timeout; its ring-buffer size; and, with ``run_dir``, its files under ``<run_dir>/flight_recorder/``.
+    torch 2.13 reads the recorder's size as ``TORCH_FR_BUFFER_SIZE`` and its files' prefix as
+    ``TORCH_FR_DUMP_TEMP_FILE``, and still accepts their older names (``TORCH_NCCL_TRACE_BUFFER_SIZE``,
+    ``TORCH_NCCL_DEBUG_INFO_TEMP_FILE``) with a deprecation warning: the new names are set.
+
+    Args:
+        run_dir: the run's output directory, or None to leave the dumps where torch puts them.
+        environ: the environment as it is; a variable set there (under either name) is the user's choice
+            and is left out.
+
+    Returns:
+        The variables to add to the environment (only those not set).
+    """
+    wanted = [
+        (("TORCH_NCCL_ASYNC_ERROR_HANDLING", "NCCL_ASYNC_ERROR_HANDLING"), NCCL_ASYNC_ERROR_HANDLING),
+        (("TORCH_NCCL_DUMP_ON_TIMEOUT",), "1"),
+        # the recorder's ring of recent collectives: torch 2.13's default size, stated, as a dump needs one
+        (("TORCH_FR_BUFFER_SIZE", "TORCH_NCCL_TRACE_BUFFER_SIZE"), "2000"),
+    ]
+    if run_dir is not None:
+        prefix = os.path.join(os.path.abspath(run_dir), FLIGHT_RECORDER_DIR, "rank_")
+        wanted.append((("TORCH_FR_DUMP_TEMP_FILE", "TORCH_NCCL_DEBUG_INFO_TEMP_FILE"), prefix))
+    return {names[0]: value for names, value in wanted if not any(n in environ for n in names)}

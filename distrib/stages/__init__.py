@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib
 
+from distrib.config import ConfigError, DistillConfig, StudentConfig
+
 STAGES = {
     "pretrain": "distrib.stages.pretrain:PretrainStage",
     "finetune": "distrib.stages.finetune:FinetuneStage",
@@ -17,8 +19,6 @@ STAGES = {
 
 def refuse_distill_keys(cfg, stage: str) -> None:
     """Distillation keys on another stage would be silently ignored: one line naming them."""
-    from distrib.config import ConfigError, DistillConfig, StudentConfig
-
     for key, unset in (("teacher", None), ("student", StudentConfig()), ("distill", DistillConfig())):
         if getattr(cfg, key) != unset:
             raise ConfigError(f"{key} is set but this is the {stage} stage; run `distrib distill`, or remove {key}")

@@ -1,7 +1,7 @@
 """Fine-tuning: a pretrained base (``init_from``), frozen layers and/or LoRA adapters, causal-LM loss.
 
 The same loop as pretraining; what differs is what is built and what trains. The base comes from
-``init_from`` (its architecture, weights and tokenizer); :mod:`distrib.adapters` freezes and attaches
+``init_from`` (its architecture, weights and tokenizer); :mod:`distrib.model.adapters` freezes and attaches
 adapters in the documented order (freeze -> adapters -> tensor parallel -> activation checkpointing ->
 engine). On prompt/response data the labels of prompt tokens are -100, so the loss is the responses'.
 """
@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import torch
 
-from distrib.adapters import apply_freeze, apply_lora
 from distrib.config import Config, ConfigError
-from distrib.model import build_model
-from distrib.trainer import LossOut, causal_lm_loss
+from distrib.model import build_model, empty_model, hf_config
+from distrib.model.adapters import apply_freeze, apply_lora
+from distrib.parallel.zero import gathered
+from distrib.stages import refuse_distill_keys
+from distrib.train.trainer import LossOut, causal_lm_loss
 
 
 class FinetuneStage:
@@ -23,27 +25,23 @@ class FinetuneStage:
     def check(cfg: Config) -> None:
         """Stage-specific checks, before anything starts.
 
-        ``cfg`` already carries its base (:func:`distrib.base.with_base`). Freezing and adapters are tried
+        ``cfg`` already carries its base (:func:`distrib.checkpoint.base.with_base`). Freezing and adapters are tried
         on a weightless copy of the base, so an unknown module or pattern is one line here, not an error
         in every worker.
 
         Raises:
             ConfigError: no base to fine-tune, or a freeze/LoRA setting that does not fit the model.
         """
-        from distrib.stages import refuse_distill_keys
-
         refuse_distill_keys(cfg, "finetune")
         if not cfg.init_from and not cfg.model.pretrained:
             raise ConfigError("finetune needs init_from: a distrib run directory (e.g. runs/pretrain-tiny), a "
                               "checkpoint or a Hugging Face model directory")
-        from distrib.model import empty_model, hf_config
-
         model = empty_model(hf_config(cfg.model))
         apply_freeze(model, cfg.finetune)
         apply_lora(model, cfg.finetune)
 
     def build_model(self, cfg: Config, hf_cfg, dtype: torch.dtype) -> torch.nn.Module:
-        model = build_model(cfg.model, hf_cfg, seed=cfg.seed, dtype=dtype)
+        model = build_model(cfg.model, hf_cfg, seed=cfg.seed, dtype=dtype, gathered=gathered)
         apply_freeze(model, cfg.finetune)
         return apply_lora(model, cfg.finetune, seed=cfg.seed)
 

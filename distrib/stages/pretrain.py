@@ -6,7 +6,9 @@ import torch
 
 from distrib.config import Config, ConfigError, FinetuneConfig
 from distrib.model import build_model
-from distrib.trainer import LossOut, causal_lm_loss
+from distrib.parallel.zero import gathered
+from distrib.stages import refuse_distill_keys
+from distrib.train.trainer import LossOut, causal_lm_loss
 
 
 class PretrainStage:
@@ -19,15 +21,13 @@ class PretrainStage:
         Raises:
             ConfigError: fine-tuning keys on a pretraining run (they would be silently ignored).
         """
-        from distrib.stages import refuse_distill_keys
-
         refuse_distill_keys(cfg, "pretrain")
         if cfg.finetune != FinetuneConfig():
             raise ConfigError("finetune.* keys are set but this is the pretrain stage; run `distrib finetune`, or "
                               "remove the finetune section")
 
     def build_model(self, cfg: Config, hf_cfg, dtype: torch.dtype) -> torch.nn.Module:
-        return build_model(cfg.model, hf_cfg, seed=cfg.seed, dtype=dtype)
+        return build_model(cfg.model, hf_cfg, seed=cfg.seed, dtype=dtype, gathered=gathered)
 
     def loss(self, model: torch.nn.Module, batch: dict) -> LossOut:
         return causal_lm_loss(model, batch)

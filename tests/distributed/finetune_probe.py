@@ -18,12 +18,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import deepspeed  # noqa: E402
 import torch  # noqa: E402
 
-from distrib.base import resolve_base, with_base  # noqa: E402
+from distrib.checkpoint.base import resolve_base, with_base  # noqa: E402
 from distrib.config import load_config  # noqa: E402
 from distrib.stages import stage_class  # noqa: E402
-from distrib.topology import Topology  # noqa: E402
-from distrib.trainer import Trainer  # noqa: E402
-from launch.env import detect  # noqa: E402
+from distrib.parallel.topology import Topology  # noqa: E402
+from distrib.train.trainer import Trainer  # noqa: E402
+from distrib.launch.env import detect  # noqa: E402
 
 
 def gathered(module):

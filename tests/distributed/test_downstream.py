@@ -78,8 +78,8 @@ def test_trained_beats_chance_random_does_not(trained, random_model, eval_cache,
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from distrib.downstream import evaluate_model
-    from distrib.eval_tasks import task_dir
+    from distrib.commands.evaluate import evaluate_model
+    from distrib.commands.eval_tasks import task_dir
 
     hf = trained / "hf"
     distrib_eval(eval_cache, str(hf), "--tasks", NEXTLINE)
@@ -111,7 +111,7 @@ def test_adapter_is_evaluated_on_its_base(trained, eval_cache, tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from distrib.downstream import evaluate_model
+    from distrib.commands.evaluate import evaluate_model
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(trained / "hf", dtype=torch.float32)

@@ -66,7 +66,7 @@ def test_loss_weighs_every_target_token_of_the_global_batch_once(tmp_path, data_
     from transformers import AutoModelForCausalLM
 
     from distrib.data import collate
-    from distrib.trainer import causal_lm_loss
+    from distrib.train.trainer import causal_lm_loss
     from tests.helpers import prepared
 
     pairs = tmp_path / "pairs.jsonl"

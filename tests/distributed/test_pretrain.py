@@ -136,11 +136,11 @@ def test_export_loads_in_transformers_and_reproduces_the_trained_model(tmp_path,
 LOGITS_PROBE = """
 import sys, torch
 from pathlib import Path
-from launch.env import detect
+from distrib.launch.env import detect
 from distrib.config import load_config
 from distrib.stages import stage_class
-from distrib.topology import Topology
-from distrib.trainer import Trainer
+from distrib.parallel.topology import Topology
+from distrib.train.trainer import Trainer
 from distrib.data import collate
 from transformers import AutoModelForCausalLM
 

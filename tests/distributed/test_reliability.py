@@ -14,7 +14,7 @@ import time
 import pytest
 
 from distrib.checkpoint import is_complete
-from distrib.errors import file_system
+from distrib.fs import file_system
 from tests.helpers import ROOT, TINY, losses, metrics, run_distrib, small
 
 pytestmark = pytest.mark.slow

@@ -1,6 +1,6 @@
 """Tensor parallelism for GPT-2 (Conv1D projections, fused qkv) against the unsharded reference.
 
-AutoTP's training path refuses GPT-2; :mod:`distrib.tensor_parallel` turns its block projections
+AutoTP's training path refuses GPT-2; :mod:`distrib.parallel.tensor_parallel` turns its block projections
 into ``nn.Linear`` and hands DeepSpeed a configurable-AutoTP plan (fused ``c_attn`` split per q/k/v
 sub-parameter). These runs prove the sharded model trains like the whole one and exports to a
 plain Hugging Face GPT-2.
@@ -105,7 +105,7 @@ def test_llama_plan_is_unchanged():
 
     from distrib.config import Config
     from distrib.model import hf_config
-    from distrib.tensor_parallel import apply_plan, to_hf_layout
+    from distrib.parallel.tensor_parallel import apply_plan, to_hf_layout
 
     cfg = Config.model_validate({"model": {"hidden_size": 64, "num_layers": 1, "num_heads": 4, "num_kv_heads": 2},
                                  "parallel": {"tp": 2}})

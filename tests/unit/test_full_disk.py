@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from distrib.errors import TrainingError, file_system, full_disk, settle
+from distrib.errors import TrainingError
+from distrib.fs import file_system, full_disk
+from distrib.parallel.failures import settle
 from tests.helpers import ROOT
 
 MIB = 1 << 20
@@ -105,7 +107,7 @@ def test_a_tokenizers_save_pretrained_on_a_full_disk_raises_enospc_and_is_recogn
 
 
 def test_the_metrics_logger_keeps_a_full_disk_for_the_trainer_instead_of_raising(tiny_fs):
-    from distrib.metrics import MetricsLogger
+    from distrib.train.metrics import MetricsLogger
 
     logger = MetricsLogger(tiny_fs, True, tensorboard=False, progress_bar=False, total_steps=100, start_step=0)
     _fill(tiny_fs)
@@ -121,7 +123,7 @@ _TENSORBOARD = """
 import os, sys, time
 from pathlib import Path
 from torch.utils.tensorboard import SummaryWriter
-from distrib.metrics import MetricsLogger
+from distrib.train.metrics import MetricsLogger
 
 mount = Path(sys.argv[1])
 if sys.argv[2] == "bare":

@@ -1,0 +1,1 @@
+"""The commands a user runs: the top floor, which nothing else imports."""

@@ -1,0 +1,1 @@
+"""Everything that knows about ranks: the topology, the DeepSpeed engine, tensor parallelism."""
