@@ -50,7 +50,7 @@ def first_failure(topo: Topology | None, mine: Failure | None) -> Failure | None
         topo: the ranks; None for a process on its own.
         mine: why this rank's write failed (:func:`failure`), None if it succeeded.
     """
-    if topo is None:
+    if topo is None or topo.world_size == 1:
         return mine
     if not topo.any(mine is not None):
         return None

@@ -1,5 +1,6 @@
-"""A full disk, for real: what each writer of a run raises when its file system is full, and that distrib
-recognises every one of them as a full disk (and nothing else as one).
+"""A full disk, for real: what each writer of a run raises when its file system is full, that distrib
+recognises every one of them as a full disk (and nothing else as one), and that a checkpoint save that fills
+the disk leaves the previous checkpoint whole and no partial one.
 
 Each test mounts a 1 MiB tmpfs (we run as root); without root, or where mounting fails, the tests skip.
 """
@@ -15,10 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from distrib.checkpoint import Checkpointer, TrainState, is_complete, latest_checkpoint, load_weights
+from distrib.config import load_config
 from distrib.errors import TrainingError
 from distrib.fs import file_system, full_disk
 from distrib.parallel.failures import settle
-from tests.helpers import ROOT
+from tests.helpers import ROOT, TINY
 
 MIB = 1 << 20
 
@@ -190,3 +193,60 @@ def test_a_failed_write_in_one_process_is_one_line_naming_the_file_system(tiny_f
     with pytest.raises(KeyError):  # not the file system's doing: raised as it is, with its traceback
         settle(None, bug, target, "exporting", "nothing")
     settle(None, None, target, "exporting", "nothing")  # nothing failed
+
+
+class _OneRank:
+    """A job of one process, as the Checkpointer sees it."""
+
+    rank, is_main, tp, dp, world_size = 0, True, 1, 1, 1
+
+    def barrier(self):
+        pass
+
+    def any(self, flag):
+        return bool(flag)
+
+
+class _DeepSpeed:
+    """DeepSpeed's save_checkpoint as far as the disk sees it: a model-states file written with torch.save.
+
+    ``then_fill``: the disk fills right after this file is written (by another writer), so that the first
+    write to fail is one of distrib's own (the RNG state, the metadata, the tokenizer).
+    """
+
+    module = object()
+
+    def __init__(self, numel: int, then_fill: bool = False):
+        self.weights, self.then_fill = torch.arange(float(numel)), then_fill
+
+    def save_checkpoint(self, root, tag, client_state, save_latest, exclude_frozen_parameters=False):
+        (Path(root) / tag).mkdir(parents=True, exist_ok=True)
+        torch.save({"module": {"w": self.weights}}, Path(root) / tag / "mp_rank_00_model_states.pt")
+        if self.then_fill:
+            _fill(Path(root).parent.parent)
+
+
+@pytest.mark.parametrize("writer", ["deepspeed", "distrib"])
+def test_a_save_that_fills_the_disk_is_one_line_keeping_the_previous_checkpoint_and_no_partial(tiny_fs, writer):
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    run = tiny_fs / "run"
+    cfg = load_config(TINY, [f"output_dir={run}", "checkpoint.keep_last=5"])
+    ckpt = Checkpointer(run / "checkpoints", _OneRank(), cfg,
+                        PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE())))
+    numel = 150_000  # 600 kB: one checkpoint fits on the 1 MiB disk, two do not
+    ckpt.save(_DeepSpeed(numel), TrainState(step=10, run_id="a" * 32))
+    with pytest.raises(TrainingError) as info:
+        if writer == "deepspeed":  # DeepSpeed's torch.save runs out of room: a RuntimeError without errno
+            ckpt.save(_DeepSpeed(numel), TrainState(step=20, run_id="a" * 32))
+        else:  # the disk is full when distrib writes its own files of the checkpoint
+            ckpt.save(_DeepSpeed(16, then_fill=True), TrainState(step=20, run_id="a" * 32))
+    assert str(info.value) == (
+        f"saving checkpoint step_00000020 of {run} failed: the file system at {tiny_fs} (tmpfs, 1 MiB) is full; the "
+        "partial save was removed and step_00000010 is intact; free space on it and run the same command to resume")
+    root = run / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000010"]  # no step_00000020.tmp
+    previous = latest_checkpoint(root)
+    assert previous.name == "step_00000010" and is_complete(previous)
+    assert torch.equal(load_weights(previous / "mp_rank_00_model_states.pt")["module"]["w"], torch.arange(float(numel)))

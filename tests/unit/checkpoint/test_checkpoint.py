@@ -17,7 +17,7 @@ from tests.helpers import TINY
 
 
 class _Topo:
-    rank, is_main, tp, dp = 0, True, 1, 1
+    rank, is_main, tp, dp, world_size = 0, True, 1, 1, 1
 
     def barrier(self):
         pass
