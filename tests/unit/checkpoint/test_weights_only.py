@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from distrib.checkpoint import check_weights_only, load_weights
+from distrib.checkpoint import check_resumable, check_weights_only, load_weights
 from distrib.config import ConfigError, load_config
 from tests.helpers import ROOT, TINY
 
@@ -109,3 +109,16 @@ def test_distrib_export_refuses_a_checkpoint_file_that_would_run_code_in_one_lin
         "wrote, or use another checkpoint"), proc.stderr[-3000:]
     assert sum("distrib: error:" in line for line in lines) == 1
     assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_resuming_from_a_checkpoint_file_that_would_run_code_is_refused_before_any_worker_starts(tmp_path):
+    # check_resumable runs in the process the user started, before workers, process groups or DeepSpeed's loaders
+    marker = tmp_path / "ran"
+    ckpt = _checkpoint(tmp_path / "run", marker)
+    with pytest.raises(ConfigError) as info:
+        check_resumable(load_config(TINY, [f"output_dir={tmp_path / 'run'}"]))
+    assert str(info.value) == (
+        f"{ckpt / 'mp_rank_00_model_states.pt'} is not a weights-only checkpoint file (it refers to posix.system, "
+        "which loading it would call: it may run code); refusing to load it; restore the file the run wrote, or use "
+        "another checkpoint")
+    assert not marker.exists()
