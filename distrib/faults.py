@@ -3,9 +3,11 @@
 Inactive unless ``DISTRIB_FAULT`` is set, as ``POINT:ACTION:RANK:STEP``; the tests set it to show that
 a run survives what clusters do to it. Points: ``step`` (in each micro-step of optimizer step STEP, after
 the forward), ``save`` (inside a checkpoint save at STEP, after this rank's shards are written, before the
-checkpoint is published), ``data`` (STEP 0: when the ranks compare the data they prepared), ``compile``
-(STEP 0: when the model is compiled). Actions: ``kill`` (SIGKILL this process), ``hang`` (sleep for an hour),
-``enospc`` (raise the OS error of a full disk), ``nan`` (only at ``step``: the caller poisons the loss),
+checkpoint is published), ``metrics`` (rank 0 writing the metrics row of step STEP), ``data`` (STEP 0: when
+the ranks compare the data they prepared), ``compile`` (STEP 0: when the model is compiled). Actions:
+``kill`` (SIGKILL this process), ``hang`` (sleep for an hour), ``enospc`` (raise the ``OSError`` Python's
+own writes raise on a full disk; ``tests/unit/test_full_disk.py`` has what the other writers raise, on a
+real one), ``nan`` (only at ``step``: the caller poisons the loss),
 ``differ`` (only at ``data``: the caller alters this rank's description of its data), ``fail`` (only at
 ``compile``: the caller compiles with a backend that fails, as a broken toolchain would).
 At ``tokenize`` (a data-cache build's tokenizing task, STEP counting the tasks this process has done), RANK

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import json
 import os
 import signal
 import sys
@@ -26,6 +27,31 @@ _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 #: Signals the agent forwards to its workers; SIGUSR1 is Slurm's usual pre-preemption warning.
 FORWARDED_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+
+#: Set for the workers of :func:`run_local`: a worker that ends in a one-line error hands it to the agent
+#: (:func:`hand_to_launcher`), and :func:`run_local` prints it when the job has ended, after the agent's own
+#: log lines, so that what went wrong is the last thing said.
+HAND_ERRORS_ENV = "DISTRIB_HAND_ERRORS_TO_LAUNCHER"
+
+
+def hand_to_launcher(message: str) -> bool:
+    """In a worker: leave ``message`` for :func:`run_local` to print; False when it falls to the worker.
+
+    The message goes into the error file the elastic agent gives each worker (``TORCHELASTIC_ERROR_FILE``),
+    where the agent reads why a worker failed. Only under :func:`run_local`, and only in the agent's last
+    attempt: a failure it restarts the workers after is said at once.
+    """
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not os.environ.get(HAND_ERRORS_ENV) or not path:
+        return False
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) < int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")):
+        return False
+    try:
+        with open(path, "w") as f:
+            json.dump({"message": message, "timestamp": int(time.time()), "distrib": True}, f)
+    except OSError:  # its file system is full too: the worker says it itself
+        return False
+    return True
 
 
 def torchrun_args(worker_argv: list[str], *, nproc_per_node: int, nnodes: int = 1, node_rank: int = 0,
@@ -59,13 +85,19 @@ def run_local(worker_argv: list[str], **kwargs) -> int:
     # whose collective timed out with SIGABRT, before its loop can name the rank that did not arrive.
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", NCCL_ASYNC_ERROR_HANDLING)
     os.environ[LAUNCHER_PID_ENV] = str(os.getpid())  # the workers' environment is a copy of this one
+    os.environ[HAND_ERRORS_ENV] = "1"
     try:
         run(get_args_parser().parse_args(torchrun_args(worker_argv, **kwargs)))
     except ChildFailedError as e:
-        print(f"distrib: a worker failed: {failure_line(*e.get_first_failure())}", file=sys.stderr)
+        said = [f.message for _, f in sorted(e.failures.items()) if f.error_file_data.get("distrib")]
+        for message in dict.fromkeys(said):  # each once, in rank order
+            print(f"distrib: error: {message}", file=sys.stderr)
+        if not said:
+            print(f"distrib: a worker failed: {failure_line(*e.get_first_failure())}", file=sys.stderr)
         return 1
     finally:
         os.environ.pop(LAUNCHER_PID_ENV, None)
+        os.environ.pop(HAND_ERRORS_ENV, None)
     return 0
 
 

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -37,9 +39,9 @@ import torch
 import yaml
 
 from distrib import faults
-from distrib.errors import TrainingError
 from distrib.config import Config, ConfigError, config_diff
 from distrib.parallel import deepspeed_compat
+from distrib.parallel.failures import settle
 from distrib.utils import log_main
 
 if TYPE_CHECKING:
@@ -120,7 +122,8 @@ def check_resumable(cfg: Config) -> Path | None:
     """Before anything starts: the checkpoint to resume from, refusing one made by another config.
 
     Raises:
-        ConfigError: when the run-defining config differs from the checkpoint's.
+        ConfigError: when the run-defining config differs from the checkpoint's, or one of its files holds
+            more than weights (:func:`check_weights_only`).
     """
     if not cfg.checkpoint.resume:
         return None
@@ -144,7 +147,45 @@ def check_resumable(cfg: Config) -> Path | None:
             f"{cfg.output_dir} holds a checkpoint of a different run ({shown}); restore those values, "
             "or use a new output_dir, or set checkpoint.resume=false to start over"
         )
+    check_weights_only(path)  # DeepSpeed's loaders would run what its pickles hold
     return path
+
+
+def load_weights(path: Path, mmap: bool = False):
+    """``torch.load(path)`` weights-only, DeepSpeed's own plain types allowed: a file cannot run code when read.
+
+    Raises:
+        ConfigError: ``path`` holds anything else (a pickle that would call a function, say), in one line.
+    """
+    with torch.serialization.safe_globals(deepspeed_compat.checkpoint_types()):
+        try:
+            return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
+        except pickle.UnpicklingError as e:
+            what = re.search(r"GLOBAL ([\w.]+)", str(e))
+            held = (f"it refers to {what.group(1)}, which loading it would call" if what
+                    else str(e).strip().splitlines()[0][:200])
+            raise ConfigError(
+                f"{path} is not a weights-only checkpoint file ({held}: it may run code); refusing to load it; "
+                "restore the file the run wrote, or use another checkpoint"
+            ) from None
+
+
+def check_weights_only(ckpt: Path) -> None:
+    """Every ``.pt`` file of checkpoint ``ckpt`` loads weights-only; before any DeepSpeed loader reads one.
+
+    DeepSpeed's own loaders (resuming the engine, its universal converter, ``zero_to_fp32``) unpickle with
+    ``weights_only=False``. Only the pickles are read here: the tensors are mapped, not loaded.
+
+    Raises:
+        ConfigError: naming the first file that holds anything but weights.
+    """
+    for file in sorted(ckpt.rglob("*.pt")):
+        try:
+            load_weights(file, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            load_weights(file)  # a file in torch's legacy format cannot be mapped
 
 
 def _rng_state() -> dict:
@@ -186,8 +227,8 @@ class Checkpointer:
         """Write a checkpoint of ``state`` and publish it; every rank takes part.
 
         Raises:
-            TrainingError: the save failed on some rank (a full disk, say); the partial checkpoint is
-                removed and ``latest`` still names the previous one.
+            TrainingError: on every rank, when the save failed on any (a full disk, say); the partial
+                checkpoint is removed and ``latest`` still names the previous one.
         """
         name = f"step_{state.step:08d}"
         final, tmp = self.root / name, self.root / f"{name}.tmp"
@@ -203,49 +244,75 @@ class Checkpointer:
             if self.engine_state:
                 engine.save_checkpoint(str(self.root), tag=tmp.name, client_state=client, save_latest=False,
                                        exclude_frozen_parameters=self.exclude_frozen)
-            (tmp / "rng").mkdir(parents=True, exist_ok=True)
-            torch.save(_rng_state(), tmp / "rng" / f"rank_{self.topo.rank:05d}.pt")
-            faults.at("save", self.topo.rank, state.step)
-            if self.topo.is_main:
-                (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=1))
-                (tmp / "config.yaml").write_text(self.cfg.to_yaml())
-                self.tokenizer.save_pretrained(tmp / "tokenizer")
-            # Each rank makes the files it wrote durable: on a shared file system an fsync on rank 0's
-            # node does not flush what other nodes wrote and still hold in their caches.
-            dp_rank, tp_rank = divmod(self.topo.rank, self.topo.tp)
-            _fsync_files(rank_files(tmp, self.topo.rank, dp_rank, tp_rank))
-        except OSError as e:
-            error = f"{e.strerror or e} ({e.filename or tmp})"
+        except Exception as e:  # noqa: BLE001 (every rank learns of it below)
+            error = e
+            # DeepSpeed's save ends in a barrier, after its writes: the ranks whose writes succeeded wait
+            # there, so this one joins them, or every later collective would pair with the wrong one.
+            self.topo.barrier()
+        if error is None:
+            try:
+                self._write_own(tmp, state)
+            except Exception as e:  # noqa: BLE001
+                error = e
         self.topo.barrier()  # every rank's files are written and synced
         if self.topo.is_main and error is None:
             try:
                 _fsync_files(main_files(tmp, self.topo.dp, self.topo.tp))
                 _fsync_dirs(tmp)
-            except OSError as e:
-                error = f"{e.strerror or e} ({e.filename or tmp})"
-        if self.topo.any(error is not None):  # every rank learns of any rank's failure, no one hangs
-            if self.topo.is_main:
-                shutil.rmtree(tmp, ignore_errors=True)
-            last = latest_checkpoint(self.root)
-            kept = f"{last.name} is intact" if last else "there is no earlier checkpoint"
-            raise TrainingError(
-                f"saving checkpoint {name} failed: {error or 'on another rank'}; the partial save was removed and "
-                f"{kept}; free space (or fix the file system) and run the same command to resume"
-            )
+            except Exception as e:  # noqa: BLE001
+                error = e
+        self._stop_if_failed(error, tmp, name)
+        error = None
         if self.topo.is_main:
-            other = read_state(final).run_id if is_complete(final) else None
-            if other is not None and other != state.run_id:
-                # another run's checkpoint of the same step (this run started over): set it aside, keep it
-                os.replace(final, final.with_name(f"{final.name}-{other[:8]}"))
-            elif final.exists():  # a re-save of the same step (e.g. exit right after a periodic save)
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _fsync_dir(self.root)
-            _atomic_write(self.root / "latest", name)
-            _fsync_dir(self.root)
-            self._prune(state.run_id)
-        self.topo.barrier()
+            try:
+                self._publish(tmp, final, name, state.run_id)
+            except Exception as e:  # noqa: BLE001
+                error = e
+        self._stop_if_failed(error, final, name)  # also the barrier that ends the save
         return final
+
+    def _write_own(self, tmp: Path, state: TrainState) -> None:
+        """What distrib adds to DeepSpeed's files: every rank its RNG state, rank 0 the run's metadata."""
+        (tmp / "rng").mkdir(parents=True, exist_ok=True)
+        torch.save(_rng_state(), tmp / "rng" / f"rank_{self.topo.rank:05d}.pt")
+        faults.at("save", self.topo.rank, state.step)
+        if self.topo.is_main:
+            (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=1))
+            (tmp / "config.yaml").write_text(self.cfg.to_yaml())
+            self.tokenizer.save_pretrained(tmp / "tokenizer")
+        # Each rank makes the files it wrote durable: on a shared file system an fsync on rank 0's
+        # node does not flush what other nodes wrote and still hold in their caches.
+        dp_rank, tp_rank = divmod(self.topo.rank, self.topo.tp)
+        _fsync_files(rank_files(tmp, self.topo.rank, dp_rank, tp_rank))
+
+    def _stop_if_failed(self, error: BaseException | None, written: Path, name: str) -> None:
+        """Every rank learns whether any rank's part of the save failed; if one did, the checkpoint being
+        written is removed (unless ``latest`` already names it) and every rank raises."""
+        def undo() -> None:
+            if _latest_name(self.root) != written.name:
+                shutil.rmtree(written, ignore_errors=True)
+
+        def kept() -> str:
+            last = latest_checkpoint(self.root)
+            return "the partial save was removed and " + (f"{last.name} is intact" if last else
+                                                           "there is no earlier checkpoint")
+
+        settle(self.topo, error, written, f"saving checkpoint {name} of {self.root.parent}", kept, undo=undo,
+               then="run the same command to resume")
+
+    def _publish(self, tmp: Path, final: Path, name: str, run_id: str) -> None:
+        """Rank 0: rename the written checkpoint into place, then point ``latest`` at it, then prune."""
+        other = read_state(final).run_id if is_complete(final) else None
+        if other is not None and other != run_id:
+            # another run's checkpoint of the same step (this run started over): set it aside, keep it
+            os.replace(final, final.with_name(f"{final.name}-{other[:8]}"))
+        elif final.exists():  # a re-save of the same step (e.g. exit right after a periodic save)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(self.root)
+        _atomic_write(self.root / "latest", name)
+        _fsync_dir(self.root)
+        self._prune(run_id)
 
     def _prune(self, run_id: str) -> None:
         """Keep this lineage's ``keep_last`` newest checkpoints (by step); never touch another run's."""
@@ -275,7 +342,7 @@ class Checkpointer:
         state = read_state(path)
         rng = path / "rng" / f"rank_{self.topo.rank:05d}.pt"
         if rng.is_file() and not universal:
-            _set_rng_state(torch.load(rng, weights_only=True))
+            _set_rng_state(load_weights(rng))
         return state
 
 
@@ -336,7 +403,10 @@ def convert_to_universal(path: Path, topo: Topology | None = None) -> Path:
         log_main(f"converting {path.name} to a universal checkpoint on {topo.world_size} ranks")
         _convert_spread(path, topo)
         return out
-    if topo is None or topo.is_main:
+
+    def convert() -> None:
+        if topo is not None and not topo.is_main:
+            return
         log_main(f"converting {path.name} to a universal checkpoint")
         tmp = path / "universal.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -346,9 +416,27 @@ def convert_to_universal(path: Path, topo: Topology | None = None) -> Path:
         if proc.returncode != 0:
             raise RuntimeError(f"universal checkpoint conversion of {path} failed:\n{proc.stderr[-4000:]}")
         _publish_universal(tmp, out)
-    if topo is not None:
-        topo.barrier()
+
+    _converting(path, topo, convert)
     return out
+
+
+def _converting(path: Path, topo: Topology | None, work) -> None:
+    """``work()``, a step of converting ``path`` to a universal checkpoint; then every rank of ``topo`` learns
+    whether it failed on any rank, and if so the partial conversion is removed and every rank raises.
+
+    Raises:
+        TrainingError: the step failed for a full disk (or another OS error) on some rank.
+        Exception: what ``work`` raised on this rank, when that is a bug (its traceback matters).
+    """
+    tmp, error = path / "universal.tmp", None
+    try:
+        work()
+    except Exception as e:  # noqa: BLE001 (every rank learns of it below)
+        error = e
+    settle(topo, error, tmp, f"converting checkpoint {path} to a universal checkpoint",
+           f"the partial conversion was removed and {path.name} is intact",
+           undo=lambda: shutil.rmtree(tmp, ignore_errors=True))
 
 
 def _publish_universal(tmp: Path, out: Path) -> None:
@@ -377,59 +465,82 @@ def _convert_spread(path: Path, topo: Topology) -> None:
     import itertools
 
     import torch.distributed as dist
-    from deepspeed.checkpoint.constants import PARAM, UNIVERSAL_CHECKPOINT_INFO
+    from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
     from deepspeed.checkpoint.deepspeed_checkpoint import DeepSpeedCheckpoint
 
-    tmp, out = path / "universal.tmp", path / "universal"
+    tmp = path / "universal.tmp"
     temp_dir, zero_dir = tmp / "tmp", tmp / "zero"
     if topo.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
     topo.barrier()
     ds = DeepSpeedCheckpoint(str(path))
     deepspeed_compat.check_required_state(ds)
-    if topo.is_main:
-        deepspeed_compat.create_checkpoint_paths(tmp, ds)
-    shards = list(itertools.product(range(ds.pp_degree), range(ds.tp_degree), range(ds.dp_degree)))
-    for shard in shards[topo.rank::topo.world_size]:
-        deepspeed_compat.extract_zero_shards(temp_dir, ds, shard)
-    topo.barrier()
+
+    def extract() -> None:
+        if topo.is_main:
+            deepspeed_compat.create_checkpoint_paths(tmp, ds)
+        shards = list(itertools.product(range(ds.pp_degree), range(ds.tp_degree), range(ds.dp_degree)))
+        for shard in shards[topo.rank::topo.world_size]:
+            deepspeed_compat.extract_zero_shards(temp_dir, ds, shard)
+
+    _converting(path, topo, extract)  # also the barrier: every fragment is written before any merge reads it
 
     slice_shapes = deepspeed_compat.tp_slice_shapes(ds)
     info = ds.get_checkpoint_info(UNIVERSAL_CHECKPOINT_INFO)
-    unmatched = [set(deepspeed_compat.merge_tp_slices(info, zero_dir, temp_dir, ds, item))
-                 for item in slice_shapes[topo.rank::topo.world_size]]
+    unmatched = []
+
+    def merge() -> None:
+        unmatched.extend(set(deepspeed_compat.merge_tp_slices(info, zero_dir, temp_dir, ds, item))
+                         for item in slice_shapes[topo.rank::topo.world_size])
+
+    _converting(path, topo, merge)
     gathered: list = [None] * topo.world_size
     dist.all_gather_object(gathered, unmatched)
     every = [patterns for rank in gathered for patterns in rank]
     if every and set.intersection(*every):  # as the converter's strict mode: each merge pattern must match
         raise RuntimeError(f"universal checkpoint conversion of {path}: merge patterns matched no parameter: "
                            f"{sorted(set.intersection(*every))}")
+    _converting(path, topo, lambda: _finish_spread(path, ds, tmp) if topo.is_main else None)
 
-    if topo.is_main:
-        # Parameters without optimizer fragments (never given a gradient) still need their values.
-        for model_file in ds.mp_rank_files:
-            module = torch.load(model_file, map_location="cpu", weights_only=False).get("module") or {}
-            for name, tensor in module.items():
-                target = zero_dir / name / "fp32.pt"
-                if not target.is_file():
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    torch.save({PARAM: tensor.float()}, target)
-            del module
-        deepspeed_compat.save_optimizer_state(tmp, ds)
-        shutil.rmtree(temp_dir, ignore_errors=True)
-        for model_file in ds.mp_rank_files:
-            shutil.copy2(model_file, tmp)
-        _publish_universal(tmp, out)
-    topo.barrier()
+
+def _finish_spread(path: Path, ds, tmp: Path) -> None:
+    """Rank 0's part of :func:`_convert_spread` after the merge: what is small, then the publish."""
+    from deepspeed.checkpoint.constants import PARAM
+
+    zero_dir = tmp / "zero"
+    # Parameters without optimizer fragments (never given a gradient) still need their values.
+    for model_file in ds.mp_rank_files:
+        module = load_weights(model_file).get("module") or {}
+        for name, tensor in module.items():
+            target = zero_dir / name / "fp32.pt"
+            if not target.is_file():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                torch.save({PARAM: tensor.float()}, target)
+        del module
+    deepspeed_compat.save_optimizer_state(tmp, ds)
+    shutil.rmtree(tmp / "tmp", ignore_errors=True)
+    for model_file in ds.mp_rank_files:
+        shutil.copy2(model_file, tmp)
+    _publish_universal(tmp, path / "universal")
 
 
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk: the old file stays as it was, and nothing else
+        raise
+
+
+def _latest_name(root: Path) -> str | None:
+    """The name ``latest`` holds, or None."""
+    marker = root / "latest"
+    return marker.read_text().strip() if marker.is_file() else None
 
 
 def rank_files(ckpt: Path, rank: int, dp_rank: int, tp_rank: int) -> list[Path]:

@@ -34,11 +34,12 @@ import torch
 import yaml
 from transformers import AutoTokenizer
 
-from distrib.checkpoint import convert_to_universal, read_state
+from distrib.checkpoint import check_weights_only, convert_to_universal, load_weights, read_state
 from distrib.config import Config, ConfigError
 from distrib.model import empty_model, hf_config, safetensors_keys
 from distrib.model.student import PROJECTIONS_ATTR
 from distrib.parallel.engine import torch_dtype
+from distrib.parallel.failures import settle
 from distrib.parallel.tensor_parallel import to_hf_layout
 
 if TYPE_CHECKING:
@@ -61,7 +62,7 @@ def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
         # Tensor-parallel slices are merged by DeepSpeed's universal converter (using the merge
         # patterns AutoTP saved with the checkpoint); it leaves one whole fp32 tensor per parameter.
         zero = convert_to_universal(ckpt) / "zero"
-        state = {d.name: torch.load(d / "fp32.pt", map_location="cpu", weights_only=True)["param"]
+        state = {d.name: load_weights(d / "fp32.pt")["param"]
                  for d in sorted(zero.iterdir()) if (d / "fp32.pt").is_file()}
         cfg = Config.model_validate(yaml.safe_load((ckpt / "config.yaml").read_text()))
         return to_hf_layout(state, cfg)
@@ -73,7 +74,7 @@ def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
         # A fine-tune's checkpoint leaves frozen weights out (they are the base's); pretraining has none.
         return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name, exclude_frozen_parameters=True)
     # ZeRO-0 in fp32 keeps whole weights (and the optimizer) in the model-states file.
-    state = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
+    state = load_weights(ckpt / "mp_rank_00_model_states.pt")
     return {k: v.float() for k, v in state["module"].items()}
 
 
@@ -93,7 +94,7 @@ def checkpoint_tensors(ckpt: Path) -> Loaders:
         return {}
     if any(ckpt.glob("*optim_states.pt")):
         return _zero_tensors(ckpt)
-    module = _mmap_load(ckpt / "mp_rank_00_model_states.pt", weights_only=True)["module"]
+    module = load_weights(ckpt / "mp_rank_00_model_states.pt", mmap=True)["module"]
     return {k: _copy_loader(v) for k, v in module.items()}
 
 
@@ -113,7 +114,10 @@ def export_checkpoint(ckpt: Path, out_dir: Path, adapter_dir: Path | None = None
     safetensors files) is written by rank 0 alone.
 
     Raises:
-        ConfigError: ``ckpt`` is not a checkpoint, or ``out_dir`` holds something other than an export.
+        ConfigError: ``ckpt`` is not a checkpoint, a file of it holds more than weights (it could run code), or
+            ``out_dir`` holds something other than an export.
+        TrainingError: writing failed for a full disk (or another OS error), on any rank; the partial export
+            is removed and an earlier one in ``out_dir`` stays whole.
     """
     ckpt, out_dir = Path(ckpt), Path(out_dir)
     if not (ckpt / "trainer_state.json").is_file() or not (ckpt / "config.yaml").is_file():
@@ -130,11 +134,33 @@ def export_checkpoint(ckpt: Path, out_dir: Path, adapter_dir: Path | None = None
             built = _spread_on_base(cfg, ckpt, out_dir, topo)
             if built is not None:
                 return _export_spread(ckpt, out_dir, cfg, max_shard_size, topo, built, adapter_dir)
-            if topo.is_main:  # a base loaded whole: by rank 0 alone
-                export_checkpoint(ckpt, out_dir, adapter_dir, max_shard_size)
-            topo.barrier()
+            error = None
+            try:
+                if topo.is_main:  # a base loaded whole: by rank 0 alone
+                    export_checkpoint(ckpt, out_dir, adapter_dir, max_shard_size)
+            except Exception as e:  # noqa: BLE001 (every rank learns of it below)
+                error = e
+            settle(topo, error, _tmp(out_dir), f"exporting {ckpt} to {out_dir}", "the partial export was removed")
             return out_dir
         return _export_spread(ckpt, out_dir, cfg, max_shard_size, topo)
+    check_weights_only(ckpt)  # before any loader, DeepSpeed's included, unpickles a file of it
+    error, staged = None, []
+    try:
+        _export_alone(ckpt, out_dir, cfg, adapter_dir, max_shard_size, staged)
+    except Exception as e:  # noqa: BLE001 (said in one line when it is the file system's doing)
+        error = e
+
+    def undo() -> None:
+        for partial in (_tmp(out_dir), *staged, _tmp(_adapter_out(out_dir, adapter_dir))):
+            shutil.rmtree(partial, ignore_errors=True)
+
+    settle(None, error, _tmp(out_dir), f"exporting {ckpt} to {out_dir}", "the partial export was removed", undo=undo)
+    return out_dir
+
+
+def _export_alone(ckpt: Path, out_dir: Path, cfg: Config, adapter_dir: Path | None, max_shard_size: int | str,
+                  staged: list[Path]) -> None:
+    """:func:`export_checkpoint` in this process alone; a peft adapter written on the way is added to ``staged``."""
     tokenizer = AutoTokenizer.from_pretrained(ckpt / "tokenizer")
     dtype = torch_dtype(cfg.precision)
     adapter = None
@@ -150,6 +176,7 @@ def export_checkpoint(ckpt: Path, out_dir: Path, adapter_dir: Path | None = None
             tensors = {k: (lambda t=t: t) for k, t in state.items()}
     else:
         model, tensors = _from_scratch(cfg, ckpt, len(tokenizer), dtype)
+    staged.extend([adapter] if adapter is not None else [])
     model.config.use_cache = True
 
     def write(tmp: Path) -> None:
@@ -160,8 +187,16 @@ def export_checkpoint(ckpt: Path, out_dir: Path, adapter_dir: Path | None = None
 
     _publish(out_dir, write)
     if adapter is not None:
-        _publish(Path(adapter_dir) if adapter_dir else out_dir / "adapter", lambda tmp: os.replace(adapter, tmp))
-    return out_dir
+        _publish(_adapter_out(out_dir, adapter_dir), lambda tmp: os.replace(adapter, tmp))
+
+
+def _tmp(out: Path) -> Path:
+    """Where ``out`` is written before it is moved into place."""
+    return out.with_name(out.name + ".tmp")
+
+
+def _adapter_out(out_dir: Path, adapter_dir: Path | None) -> Path:
+    return Path(adapter_dir) if adapter_dir else out_dir / "adapter"
 
 
 def _export_spread(ckpt: Path, out_dir: Path, cfg: Config, max_shard_size: int | str, topo: Topology,
@@ -183,29 +218,33 @@ def _export_spread(ckpt: Path, out_dir: Path, cfg: Config, max_shard_size: int |
     else:
         model, tensors = _from_scratch(cfg, ckpt, len(tokenizer), dtype)
     model.config.use_cache = True
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    tmp = _tmp(out_dir)
     if topo.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     topo.barrier()
-    error = None
+
+    def undo() -> None:
+        for partial in (tmp, adapter, _tmp(_adapter_out(out_dir, adapter_dir))):
+            if partial is not None:
+                shutil.rmtree(partial, ignore_errors=True)
+
+    doing, error = f"exporting {ckpt} to {out_dir}", None
     try:
         save_weights(tmp, model, tensors, dtype, max_shard_size, part=(topo.rank, topo.world_size))
-    except Exception as e:  # noqa: BLE001 (raised below, once every rank knows)
+    except Exception as e:  # noqa: BLE001 (every rank learns of it below)
         error = e
-    if topo.any(error is not None):
-        if adapter is not None:
-            shutil.rmtree(adapter, ignore_errors=True)
-        if error is not None:
-            raise error
-        raise RuntimeError(f"exporting {ckpt} failed on another rank")
-    if topo.is_main:
-        _save_config(model, tmp, dtype)
-        tokenizer.save_pretrained(tmp)
-        _publish(out_dir, lambda _: None, tmp)
-        if adapter is not None:
-            _publish(Path(adapter_dir) if adapter_dir else out_dir / "adapter", lambda t: os.replace(adapter, t))
-    topo.barrier()
+    settle(topo, error, tmp, doing, "the partial export was removed", undo=undo)
+    try:
+        if topo.is_main:
+            _save_config(model, tmp, dtype)
+            tokenizer.save_pretrained(tmp)
+            _publish(out_dir, lambda _: None, tmp)
+            if adapter is not None:
+                _publish(_adapter_out(out_dir, adapter_dir), lambda t: os.replace(adapter, t))
+    except Exception as e:  # noqa: BLE001
+        error = e
+    settle(topo, error, tmp, doing, "the partial export was removed", undo=undo)  # also the closing barrier
     return out_dir
 
 
@@ -217,16 +256,16 @@ def _spread_on_base(cfg: Config, ckpt: Path, out_dir: Path, topo: Topology) -> t
     try:
         built = _stream_on_base(cfg, _student(cfg, checkpoint_tensors(ckpt)), ckpt, torch_dtype(cfg.precision),
                                 staging=out_dir.parent, write_adapter=topo.is_main)
-    except Exception as e:  # noqa: BLE001 (raised below, once every rank knows)
+    except Exception as e:  # noqa: BLE001 (every rank learns of it below)
         error = e
-    failed = topo.any(error is not None)
-    if failed or topo.any(built is None):
+
+    def undo() -> None:
         if built is not None and built[2] is not None:
             shutil.rmtree(built[2], ignore_errors=True)
-        if error is not None:
-            raise error
-        if failed:
-            raise RuntimeError(f"exporting {ckpt} failed on another rank")
+
+    settle(topo, error, out_dir.parent, f"exporting {ckpt} to {out_dir}", "nothing was exported", undo=undo)
+    if topo.any(built is None):
+        undo()
         return None
     return built
 
@@ -345,10 +384,6 @@ _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") el
 _MADV_DONTNEED = 4
 
 
-def _mmap_load(path: Path, weights_only: bool = False):
-    return torch.load(path, map_location="cpu", mmap=True, weights_only=weights_only)
-
-
 def _release(t: torch.Tensor) -> None:
     """Drop the resident pages of ``t``, a slice of a memory-mapped checkpoint file already copied.
 
@@ -378,7 +413,7 @@ def _copy_loader(mapped: torch.Tensor) -> Callable[[], torch.Tensor]:
 
 def _universal_loader(path: Path, name: str, cfg: Config) -> Callable[[], torch.Tensor]:
     def load() -> torch.Tensor:
-        return to_hf_layout({name: _copy_loader(_mmap_load(path, weights_only=True)["param"])()}, cfg)[name]
+        return to_hf_layout({name: _copy_loader(load_weights(path, mmap=True)["param"])()}, cfg)[name]
     return load
 
 
@@ -412,9 +447,9 @@ def _zero_tensors(ckpt: Path) -> Loaders:
                                                 PARAM_ALIGNMENT_PADDINGS, PARAM_SHAPES, PARTITION_COUNT,
                                                 SINGLE_PARTITION_OF_FP32_GROUPS, ZERO_STAGE)
 
-    model_states = [_mmap_load(f) for f in sorted(ckpt.glob("*model_states.pt"), key=_natural)]
+    model_states = [load_weights(f, mmap=True) for f in sorted(ckpt.glob("*model_states.pt"), key=_natural)]
     optim_files = sorted(ckpt.glob("*optim_states.pt"), key=_natural)
-    optims = [_mmap_load(f)[OPTIMIZER_STATE_DICT] for f in optim_files]
+    optims = [load_weights(f, mmap=True)[OPTIMIZER_STATE_DICT] for f in optim_files]
     # ZeRO-0 in bf16 (DeepSpeed's BF16_Optimizer) saves the stage-1/2 layout without naming a stage
     stage, ranks = optims[0].get(ZERO_STAGE, 0), optims[0][PARTITION_COUNT]
     ranks = max(ranks) if isinstance(ranks, list) else ranks
@@ -508,7 +543,7 @@ def _publish(out_dir: Path, write, tmp: Path | None = None) -> None:
     ``tmp``: a directory already written (by several processes), instead of a fresh ``out_dir.tmp``.
     """
     if tmp is None:
-        tmp = out_dir.with_name(out_dir.name + ".tmp")
+        tmp = _tmp(out_dir)
         shutil.rmtree(tmp, ignore_errors=True)
     write(tmp)
     if out_dir.exists():

@@ -28,6 +28,7 @@ import importlib
 import sys
 
 from distrib.config import ConfigError, load_config
+from distrib.errors import TrainingError
 from distrib.launch.env import LaunchEnvError, detect, launcher_rank
 from distrib.launch.local import die_with_launcher
 from distrib.stages import STAGES
@@ -177,3 +178,5 @@ def main(argv: list[str] | None = None) -> int:
         return getattr(importlib.import_module(module), function)(args, cfg)
     except (ConfigError, LaunchEnvError) as e:
         return fail(str(e))
+    except TrainingError as e:  # outside a training run's workers: an export that filled its disk, say
+        return fail(str(e), EXIT_FAILED)

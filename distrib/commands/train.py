@@ -19,8 +19,9 @@ from distrib.checkpoint.export import export_checkpoint
 from distrib.config import Config, ConfigError
 from distrib.data import prepare_data
 from distrib.errors import TrainingError
+from distrib.fs import full_disk
 from distrib.launch.env import LaunchEnv, detect, launcher_rank
-from distrib.launch.local import run_local
+from distrib.launch.local import hand_to_launcher, run_local
 from distrib.lock import RunLock, held_by_launcher
 from distrib.parallel.topology import Topology
 from distrib.stages import stage_class
@@ -130,13 +131,27 @@ def _work(cfg: Config, stage, env: LaunchEnv, resume_from: Path | None) -> int:
         Trainer(cfg, topo, stage(), resume_from=resume_from, stop=stop).fit()
     except TrainingError as e:
         if topo.is_main or e.from_this_rank:
-            print(f"distrib: error: {e}", file=sys.stderr)
+            _say(str(e))
+        return EXIT_FAILED
+    except Exception as e:
+        # A full disk where the ranks do not learn of it together: this rank says so, once, instead of a traceback.
+        disk = full_disk(e, cfg.output_dir)
+        if disk is None:
+            raise
+        _say(f"writing to {cfg.output_dir} failed on rank {topo.rank}: {disk}; free space on it and run the same "
+             "command to resume")
         return EXIT_FAILED
     finally:
         if lock is not None:
             lock.release()
         topo.shutdown()
     return 0
+
+
+def _say(msg: str) -> None:
+    """A worker's one-line error: for the launcher to print when the job has ended, when it is ours, else now."""
+    if not hand_to_launcher(msg):
+        print(f"distrib: error: {msg}", file=sys.stderr)
 
 
 def _finished(cfg: Config, checkpoint: Path) -> bool:

@@ -1,9 +1,10 @@
 """Every private name of DeepSpeed that distrib uses, each behind a function of this module.
 
-DeepSpeed has no public API for four things distrib needs: handing it our process groups, acting between
+DeepSpeed has no public API for five things distrib needs: handing it our process groups, acting between
 AutoTP's split of a model and the engine's first use of its parameters, reading which part of a parameter an
-AutoTP layer kept, and running the steps of its universal-checkpoint converter on several ranks. Nothing
-else in the package names a private DeepSpeed attribute; ``tests/unit/test_deepspeed_compat.py`` checks that
+AutoTP layer kept, running the steps of its universal-checkpoint converter on several ranks, and naming the
+types its checkpoint files hold (for weights-only loads). Nothing
+else in the package names a private DeepSpeed attribute; ``tests/unit/parallel/test_deepspeed_compat.py`` checks that
 each one used here still exists with the parameters it is called with, so that a DeepSpeed release that
 changes one fails that test, naming it, instead of a run. DeepSpeed is imported only when a function is
 called: importing this module costs nothing.
@@ -12,6 +13,7 @@ called: importing this module costs nothing.
 from __future__ import annotations
 
 import contextlib
+import importlib
 from argparse import Namespace
 from collections.abc import Callable
 from pathlib import Path
@@ -206,3 +208,23 @@ def merge_tp_slices(info: dict, zero_dir: Path, temp_dir: Path, ds, item) -> set
 def save_optimizer_state(out: Path, ds) -> None:
     """Write the optimizer's common state of ``ds`` to the converter's output folder ``out``."""
     _converter()._save_optimizer_state(Namespace(output_folder=str(out)), ds)
+
+
+#: What DeepSpeed's checkpoint files hold besides tensors, containers and builtins, as (module, name): plain data
+#: of its own, which a weights-only load must be told it may build. Its optimizer shards (``*optim_states.pt``)
+#: and a universal checkpoint's ``optimizer_state.pt`` keep the loss scaler (fp16's dynamic one on GPUs), the
+#: ZeRO stage as an enum and, for ZeRO-1/2, the address of each parameter's fragment in the flat partitions; the
+#: model-states files hold tensors and builtins only. Found by listing the globals in the pickles
+#: (``torch.serialization.get_unsafe_globals_in_checkpoint``) of real checkpoints of ZeRO-0 to 3 in bf16 and
+#: fp32, and of their universal conversion.
+CHECKPOINT_TYPES = (
+    ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+    ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
+    ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+    ("deepspeed.utils.tensor_fragment", "fragment_address"),
+)
+
+
+def checkpoint_types() -> list[type]:
+    """The classes of :data:`CHECKPOINT_TYPES`, for ``torch.serialization.safe_globals``."""
+    return [getattr(importlib.import_module(module), name) for module, name in CHECKPOINT_TYPES]

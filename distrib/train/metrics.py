@@ -8,13 +8,17 @@ set the datasheet figure, e.g. 989 for H100 bf16 dense).
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
+
+from distrib import faults
 
 if TYPE_CHECKING:
     import torch
@@ -60,6 +64,10 @@ class MetricsLogger:
     since the Unix epoch), from which ``distrib report`` takes a run's time. On a terminal the
     console shows a tqdm bar; when the stream is not a terminal (Slurm logs, CI) a bar's redraws
     would fill the file, so one plain line is printed every ``plain_every`` steps instead.
+
+    A row that cannot be written (a full disk) does not raise: the error is kept in ``failure`` and
+    nothing more is written; the trainer stops every rank on it at the end of the step, where they all
+    meet (raised here, on rank 0 alone, it would leave the others waiting in their next collective).
     """
 
     def __init__(self, output_dir: Path, enabled: bool, *, tensorboard: bool, progress_bar: bool,
@@ -79,6 +87,7 @@ class MetricsLogger:
             stream: where progress goes (default ``sys.stderr``, tqdm's own default).
         """
         self.enabled = enabled
+        self.failure: BaseException | None = None
         self.file = None
         self.tb = None
         self.bar = None
@@ -94,6 +103,7 @@ class MetricsLogger:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
+            _quiet_full_disk_in_threads()
             self.tb = SummaryWriter(log_dir=str(output_dir / "tensorboard"), purge_step=start_step + 1)
         if progress_bar:
             self.stream = stream if stream is not None else sys.stderr
@@ -111,8 +121,15 @@ class MetricsLogger:
                 self._started = time.monotonic()
 
     def log(self, record: dict) -> None:
-        if not self.enabled:
+        if not self.enabled or self.failure is not None:
             return
+        try:
+            self._write(record)
+        except Exception as e:  # noqa: BLE001 (see the class docstring)
+            self.failure = e
+
+    def _write(self, record: dict) -> None:
+        faults.at("metrics", 0, record["step"])  # this logger writes on rank 0 only
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         clean.setdefault("time", time.time())  # wall clock (Unix seconds): the report's run time is the rows' span
         self.file.write(json.dumps(clean) + "\n")
@@ -150,6 +167,25 @@ class MetricsLogger:
             self.tb.close()
         if self.file is not None:
             self.file.close()
+
+
+def _quiet_full_disk_in_threads() -> None:
+    """Keep a full disk in TensorBoard's writer thread from printing a traceback.
+
+    TensorBoard writes its event files from a thread of its own. On a full disk that thread dies, and
+    Python prints its traceback, while the writer raises the same error at its next call in the
+    training thread, which is where the run reports it in one line. Other errors in threads still print.
+    """
+    if getattr(threading.excepthook, "_distrib", False):
+        return
+    previous = threading.excepthook
+
+    def hook(args) -> None:
+        if not (isinstance(args.exc_value, OSError) and args.exc_value.errno in (errno.ENOSPC, errno.EDQUOT)):
+            previous(args)
+
+    hook._distrib = True
+    threading.excepthook = hook
 
 
 def default_plain_every(total_steps: int) -> int:

@@ -31,6 +31,7 @@ from distrib.train.metrics import MetricsLogger, keep_rows_through, measure_peak
 from distrib.model import (count_parameters, deferred_weights, flops_per_token, forward_flops_per_token, hf_config,
                            matmul_shape)
 from distrib.parallel.engine import build_engine, deepspeed_config, torch_dtype
+from distrib.parallel.failures import writing
 from distrib.parallel.tensor_parallel import apply_plan, materialize_shards
 from distrib.parallel.topology import Topology, collective_timed_out
 from distrib.utils import StopRequest, keep_freed_host_memory, log_main, peak_rss_bytes
@@ -135,14 +136,16 @@ class Trainer:
             check_base(cfg, resume_from, refs)
         if cfg.train.keep_host_memory and topo.device.type == "cpu":
             keep_freed_host_memory()  # before the model and its first step allocate
-        if topo.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.yaml").write_text(cfg.to_yaml())
-            Checkpointer.clean_partial_in(self.out / "checkpoints")
+        with self._writing("config.yaml"):
+            if topo.is_main:
+                self.out.mkdir(parents=True, exist_ok=True)
+                (self.out / "config.yaml").write_text(cfg.to_yaml())
+                Checkpointer.clean_partial_in(self.out / "checkpoints")
         self.data = prepare_data(cfg.data, cfg.seed)
         self._check_same_data()
-        if topo.is_main:
-            self.data.tokenizer.save_pretrained(self.out / "tokenizer")
+        with self._writing("tokenizer/"):
+            if topo.is_main:
+                self.data.tokenizer.save_pretrained(self.out / "tokenizer")
         self.hf_cfg = hf_config(cfg.model, vocab_size=len(self.data.tokenizer), seq_len=cfg.data.seq_len)
         self.ckpt = Checkpointer(self.out / "checkpoints", topo, cfg, self.data.tokenizer)
         return refs
@@ -229,16 +232,28 @@ class Trainer:
             f"tp={topo.tp}), ZeRO-{cfg.parallel.zero_stage}, {cfg.precision}, grad accum "
             f"{cfg.grad_accum_steps(topo.world_size)}, {len(self.data.train)} train blocks of {cfg.data.seq_len} tokens"
         )
-        self.metrics = MetricsLogger(self.out, topo.is_main, tensorboard=cfg.metrics.tensorboard,
-                                     progress_bar=cfg.metrics.progress_bar, total_steps=cfg.train.max_steps,
-                                     start_step=self.state.step)
-        self.trace = None
-        if cfg.data.trace_samples:
-            (self.out / "trace").mkdir(parents=True, exist_ok=True)
-            trace = self.out / "trace" / f"samples-rank{topo.rank:05d}.jsonl"
-            if resume_from is not None:  # rows name the step before it counts: keep those done before step k
-                keep_rows_through(trace, self.state.step - 1)
-            self.trace = open(trace, "a" if resume_from is not None else "w", buffering=1)
+        with self._writing("metrics.jsonl"):
+            self.metrics = MetricsLogger(self.out, topo.is_main, tensorboard=cfg.metrics.tensorboard,
+                                         progress_bar=cfg.metrics.progress_bar, total_steps=cfg.train.max_steps,
+                                         start_step=self.state.step)
+        self.trace, self.trace_failure = None, None
+        with self._writing("trace/"):
+            if cfg.data.trace_samples:
+                (self.out / "trace").mkdir(parents=True, exist_ok=True)
+                trace = self.out / "trace" / f"samples-rank{topo.rank:05d}.jsonl"
+                if resume_from is not None:  # rows name the step before it counts: keep those done before step k
+                    keep_rows_through(trace, self.state.step - 1)
+                self.trace = open(trace, "a" if resume_from is not None else "w", buffering=1)
+
+    def _writing(self, what: str):
+        """A context for a write of ``what`` (rank 0's shared files, or each rank's own): a failure on any rank
+        stops every rank after it, together, instead of leaving the others in their next collective."""
+        return writing(self.topo, self.out, f"writing {what} of {self.out}", self._kept,
+                       then="run the same command to resume")
+
+    def _kept(self) -> str:
+        last = latest_checkpoint(self.out / "checkpoints")
+        return f"the last checkpoint ({last.name}) is intact" if last else "no checkpoint was written yet"
 
     def _compile(self) -> bool:
         """Compile the engines' models under ``model.compile`` (see :func:`compile_decision`); whether it did."""
@@ -341,11 +356,13 @@ class Trainer:
             mine[name] = held(engine)[0]
         ranks = [None] * self.topo.world_size
         dist.all_gather_object(ranks, mine)
+        with self._writing("layout.json"):
+            if self.topo.is_main:
+                layout = {"world_size": self.topo.world_size, "dp": self.topo.dp, "tp": self.topo.tp,
+                          "zero_stage": self.cfg.parallel.zero_stage, "total_params": self.n_params,
+                          "trainable_params": self.trainable["trainable"], "ranks": ranks}
+                (self.out / "layout.json").write_text(json.dumps(layout, indent=1))
         if self.topo.is_main:
-            layout = {"world_size": self.topo.world_size, "dp": self.topo.dp, "tp": self.topo.tp,
-                      "zero_stage": self.cfg.parallel.zero_stage, "total_params": self.n_params,
-                      "trainable_params": self.trainable["trainable"], "ranks": ranks}
-            (self.out / "layout.json").write_text(json.dumps(layout, indent=1))
             if after_step:
                 log_main(f"optimizer state per rank: {opt_bytes / 2**20:.2f} MiB (measured after the first step)")
             else:
@@ -402,11 +419,23 @@ class Trainer:
         return record
 
     def _should_stop(self, steps_this_run: int) -> bool:
+        """Whether the run stops after this step, agreed by every rank (or the collectives of the save would hang).
+
+        Raises:
+            TrainingError: on every rank, when a write of this step failed on any rank (rank 0's metrics, a
+                rank's trace): the ranks learn of it here, where they all meet.
+        """
         t = self.cfg.train
         local = self.stop.requested
         local |= t.exit_after_steps is not None and steps_this_run >= t.exit_after_steps
         local |= t.exit_after_minutes is not None and (time.monotonic() - self.started) / 60 >= t.exit_after_minutes
-        return self.topo.any(local)  # every rank must agree, or the collectives of the save would hang
+        failed = self.metrics.failure or self.trace_failure
+        verdict = self.topo.max(2.0 if failed is not None else float(local))  # one collective per step, as before
+        if verdict > 1:
+            with self._writing("metrics.jsonl" if self.metrics.failure is not None else "trace/"):
+                if failed is not None:
+                    raise failed
+        return verdict > 0
 
     def train_step(self) -> dict:
         """One optimizer step over the global batch; returns its metrics.
@@ -433,9 +462,12 @@ class Trainer:
             left_out, norm = self._micro_step(step, i, batch, scale, total, parts, last=i == len(batches) - 1)
             skipped += left_out
             grad_norm = norm if norm is not None else grad_norm
-        if self.trace is not None:
-            self.trace.write(json.dumps({"step": self.state.step, "rank": self.topo.rank,
-                                         "indices": [int(i) for ix in micro for i in ix]}) + "\n")
+        if self.trace is not None and self.trace_failure is None:
+            try:
+                self.trace.write(json.dumps({"step": self.state.step, "rank": self.topo.rank,
+                                             "indices": [int(i) for ix in micro for i in ix]}) + "\n")
+            except OSError as e:  # a full disk: every rank stops on it at the end of the step (_should_stop)
+                self.trace_failure = e
         names = sorted(parts)
         sums = self._global([total, *(parts[k] for k in names)])
         if not math.isfinite(sums[0]):
@@ -514,11 +546,13 @@ class Trainer:
         """Train to ``train.max_steps`` (or until asked to stop), checkpoint, export.
 
         Raises:
-            TrainingError: a non-finite loss under ``train.nonfinite=stop``, or a collective that timed
-                out (naming the ranks that did not arrive).
+            TrainingError: a non-finite loss under ``train.nonfinite=stop``, a collective that timed out
+                (naming the ranks that did not arrive), or a write that failed on any rank (a full disk).
         """
         try:
             return self._fit()
+        except TrainingError:
+            raise  # said already
         except RuntimeError as e:  # torch.distributed's errors are RuntimeErrors too
             if not collective_timed_out(e):
                 raise
@@ -539,7 +573,7 @@ class Trainer:
                 record.update(self.evaluate())
             if state.step % cfg.train.log_every_steps == 0 or last or "eval_loss" in record:
                 self.metrics.log(record)
-            stop = not last and self._should_stop(steps_this_run)
+            stop = self._should_stop(steps_this_run) and not last
             if state.step % cfg.checkpoint.every_steps == 0 or last or stop:
                 self.topo.mark(state.step, 0, "save")
                 self.ckpt.save(self.engine, state)
@@ -549,9 +583,10 @@ class Trainer:
                 break
         if state.step == cfg.train.max_steps and saved_at != state.step:
             self.ckpt.save(self.engine, state)
-        self.metrics.close()
-        if self.trace is not None:
-            self.trace.close()
+        with self._writing("metrics.jsonl"):  # closing writes what TensorBoard still holds
+            self.metrics.close()
+            if self.trace is not None:
+                self.trace.close()
         if state.step == cfg.train.max_steps and cfg.export.at_end:
             self.export()
         return state

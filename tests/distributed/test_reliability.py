@@ -4,13 +4,17 @@ fp32 on 2 processes, so that "the same" means bitwise. Every resume is compared 
 after it and on the exported weights' bytes: an error of one ulp shows only after many steps.
 """
 
+import contextlib
 import json
+import os
 import subprocess
 import sys
 import time
 
 import pytest
 
+from distrib.checkpoint import is_complete
+from distrib.fs import file_system
 from tests.helpers import ROOT, TINY, losses, metrics, run_distrib, small
 
 pytestmark = pytest.mark.slow
@@ -32,8 +36,10 @@ def _latest(out) -> str:
 
 
 def _error_line(proc) -> str:
+    """The one error line, and the last thing said (after the elastic agent's own log lines)."""
     lines = [line for line in proc.stderr.splitlines() if line.startswith("distrib: error:")]
     assert len(lines) == 1, proc.stderr[-4000:]
+    assert proc.stderr.rstrip().splitlines()[-1] == lines[0], proc.stderr[-4000:]
     return lines[0]
 
 
@@ -90,17 +96,125 @@ def test_kill_during_a_save_keeps_the_previous_checkpoint_and_the_next_start_cle
     _assert_same_run(out, whole)
 
 
-def test_disk_full_during_a_save_is_one_line_and_the_previous_checkpoint_survives(tmp_path, data_cache):
+@contextlib.contextmanager
+def _tmpfs(mount, size: str):
+    """A tmpfs of ``size`` mounted at ``mount`` (we run as root); the test skips where that cannot be done."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mount.mkdir(parents=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_real_full_disk_ends_the_run_in_one_line_and_the_last_checkpoint_exports(tmp_path):
+    """The tiny config on a 64 MiB tmpfs, a 25 MB checkpoint every 5 steps: the third save fills the disk,
+    inside DeepSpeed's torch.save (a RuntimeError without errno) on whichever rank runs out first."""
+    with _tmpfs(tmp_path / "disk", "64m") as disk:
+        out = disk / "run"
+        proc = run_distrib(f"output_dir={out}", f"data.cache_dir={tmp_path / 'cache'}", "data.max_documents=300",
+                           "checkpoint.every_steps=5", "checkpoint.keep_last=100", "train.max_steps=60",
+                           "eval.every_steps=20", "eval.max_samples=16", "metrics.progress_bar=false",
+                           nproc=2, check=False, timeout=900)
+        assert proc.returncode == 1, proc.stderr[-4000:]
+        assert "Traceback" not in proc.stderr and "Connection closed" not in proc.stderr, proc.stderr[-6000:]
+        latest = _latest(out)
+        assert _error_line(proc) == (
+            f"distrib: error: saving checkpoint step_00000015 of {out} failed: the file system at {disk} (tmpfs, "
+            f"64 MiB) is full; the partial save was removed and {latest} is intact; free space on it and run the "
+            "same command to resume")
+        assert latest == "step_00000010" and is_complete(out / "checkpoints" / latest)
+        assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_00000005", "step_00000010"]
+
+        # an export onto a full disk: one line too, nothing half-written left
+        with _tmpfs(tmp_path / "small", "1m") as small:
+            export = subprocess.run([sys.executable, "-m", "distrib", "export", str(out / "checkpoints" / "latest"),
+                                     str(small / "hf")], capture_output=True, text=True, cwd=ROOT, timeout=300)
+            assert export.returncode == 1 and "Traceback" not in export.stderr, export.stderr[-4000:]
+            assert export.stderr.rstrip().splitlines()[-1] == (
+                f"distrib: error: exporting {out / 'checkpoints' / latest} to {small / 'hf'} failed: the file system "
+                f"at {small} (tmpfs, 1 MiB) is full; the partial export was removed; free space on it and run the same "
+                "command again")
+            assert list(small.iterdir()) == []
+
+        hf = tmp_path / "hf"
+        export = subprocess.run([sys.executable, "-m", "distrib", "export", str(out / "checkpoints" / "latest"),
+                                 str(hf)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+        assert export.returncode == 0, export.stderr[-4000:]
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(hf)
+    ids = AutoTokenizer.from_pretrained(hf)("def main(", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    assert logits.shape[-1] == model.config.vocab_size and torch.isfinite(logits).all()
+
+
+def test_a_full_disk_on_one_rank_during_a_save_is_named_by_rank_0_and_the_previous_checkpoint_survives(
+        tmp_path, data_cache):
     out = tmp_path / "run"
     proc = run_distrib(*_long(out, data_cache, "parallel.zero_stage=2"), nproc=2, check=False,
-                       env={"DISTRIB_FAULT": "save:enospc:*:20"})
+                       env={"DISTRIB_FAULT": "save:enospc:1:20"})  # what Python's own writes raise, on rank 1 alone
     assert proc.returncode == 1
-    line = _error_line(proc)
-    assert line.startswith("distrib: error: saving checkpoint step_00000020 failed: No space left on device")
-    assert line.endswith("the partial save was removed and step_00000010 is intact; free space (or fix the file "
-                         "system) and run the same command to resume")
+    assert "Traceback" not in proc.stderr
+    assert _error_line(proc) == (
+        f"distrib: error: saving checkpoint step_00000020 of {out} failed: {file_system(out)} is full; the partial "
+        "save was removed and step_00000010 is intact; free space on it and run the same command to resume")
     assert _latest(out) == "step_00000010"
     assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_00000010"]  # no partial one
+
+
+def test_a_full_disk_in_a_write_of_rank_0_alone_stops_every_rank_at_once_in_one_line(tmp_path, data_cache):
+    """metrics.jsonl is rank 0's: the other rank must not wait in its next collective for a rank that has gone."""
+    out = tmp_path / "run"
+    proc = run_distrib(*small(out, data_cache, "parallel.zero_stage=2", "train.max_steps=8", "train.log_every_steps=1",
+                              "parallel.timeout_minutes=5"), nproc=2, check=False,
+                       env={"DISTRIB_FAULT": "metrics:enospc:0:5"})
+    assert proc.returncode == 1
+    # neither a traceback from rank 0, nor rank 1 dying in a collective rank 0 left, nor one that timed out
+    assert "Traceback" not in proc.stderr and "Connection closed" not in proc.stderr, proc.stderr[-4000:]
+    assert _error_line(proc) == (
+        f"distrib: error: writing metrics.jsonl of {out} failed: {file_system(out)} is full; the last checkpoint "
+        "(step_00000003) is intact; free space on it and run the same command to resume")
+    assert _latest(out) == "step_00000003"
+    assert max(losses(out)) == 4
+
+
+class _RunsCode:
+    """What a tampered checkpoint file may hold: an object whose unpickling runs a shell command."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("name", ["mp_rank_00_model_states.pt", "rng/rank_00001.pt"])
+def test_a_checkpoint_file_that_would_run_code_is_refused_in_one_line_on_resume_and_export(tmp_path, data_cache, name):
+    import torch
+
+    out, marker = tmp_path / "run", tmp_path / "ran"
+    args = small(out, data_cache, "parallel.zero_stage=2", "train.exit_after_steps=3")
+    run_distrib(*args, nproc=2)
+    tampered = out / "checkpoints" / "step_00000003" / name
+    torch.save({"module": _RunsCode(marker)}, tampered)
+    refusal = (f"distrib: error: {tampered} is not a weights-only checkpoint file (it refers to posix.system, which "
+               "loading it would call: it may run code); refusing to load it; restore the file the run wrote, or use "
+               "another checkpoint")
+    resumed = run_distrib(*args, nproc=2, check=False)  # the same command resumes from that checkpoint
+    exported = subprocess.run([sys.executable, "-m", "distrib", "export", str(out), str(tmp_path / "hf")],
+                              capture_output=True, text=True, cwd=ROOT, timeout=300)
+    for proc in (resumed, exported):
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-4000:]
+        assert _error_line(proc) == refusal
+    assert not marker.exists() and not (tmp_path / "hf").exists()
 
 
 def test_nonfinite_loss_stops_naming_the_step_with_the_last_checkpoint_intact(tmp_path, data_cache):

@@ -135,7 +135,7 @@ def test_every_rank_fsyncs_the_files_it_wrote_before_the_checkpoint_is_published
 
     class Topo:
         def __init__(self, rank):
-            self.rank, self.is_main, self.dp, self.tp = rank, rank == 0, dp, tp
+            self.rank, self.is_main, self.dp, self.tp, self.world_size = rank, rank == 0, dp, tp, world
 
         def barrier(self):
             gate.wait()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import pickle
 
 import pytest
 import torch
@@ -71,6 +72,35 @@ def test_the_spread_converter_finds_every_step_it_runs():
     assert set(deepspeed_compat.CONVERTER_STEPS) == {name for module, name in CALLED
                                                      if module == "deepspeed.checkpoint.ds_to_universal"}
     assert deepspeed_compat.converter_steps_available()
+
+
+# -- the types of DeepSpeed's checkpoint files ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", deepspeed_compat.CHECKPOINT_TYPES, ids=lambda w: f"{w[0]}.{w[1]}")
+def test_each_type_allowed_in_weights_only_loads_is_still_where_we_import_it(where):
+    module, name = where
+    found = getattr(importlib.import_module(module), name, None)
+    if not isinstance(found, type):
+        pytest.fail(f"{module}.{name} is gone from DeepSpeed: distrib.parallel.deepspeed_compat.CHECKPOINT_TYPES "
+                    "allows it in weights-only loads of checkpoints; find where it moved and name it there")
+
+
+def test_the_types_deepspeed_pickles_into_its_checkpoints_load_weights_only(tmp_path):
+    """A ZeRO-1/2 optimizer shard holds DeepSpeed's loss scaler, ZeRO stage and fragment addresses: a weights-only
+    load builds them once told they are allowed, and refuses them otherwise."""
+    loss_scaler, dynamic, stage, fragment = deepspeed_compat.checkpoint_types()
+    state = {"loss_scaler": loss_scaler(1.0), "zero_stage": stage(2),
+             "dynamic": dynamic(init_scale=8.0, scale_window=1000, min_scale=1, delayed_shift=2,
+                                consecutive_hysteresis=False),
+             "param_slice_mappings": {"w": fragment(numel=4, start=0)}}
+    torch.save(state, tmp_path / "optim_states.pt")
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(tmp_path / "optim_states.pt", weights_only=True)
+    with torch.serialization.safe_globals(deepspeed_compat.checkpoint_types()):
+        loaded = torch.load(tmp_path / "optim_states.pt", weights_only=True)
+    assert loaded["zero_stage"] == stage(2) and loaded["param_slice_mappings"]["w"] == fragment(numel=4, start=0)
+    assert loaded["dynamic"].cur_scale == 8.0
 
 
 # -- process groups ------------------------------------------------------------------------------
