@@ -7,6 +7,7 @@ after it and on the exported weights' bytes: an error of one ulp shows only afte
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -265,13 +266,18 @@ def test_a_hung_rank_ends_the_job_after_the_timeout_naming_that_rank(tmp_path, d
 
 
 def test_a_second_run_on_the_same_output_dir_is_refused_while_the_first_runs(tmp_path, data_cache):
+    """The first run hangs at step 20 (after its checkpoint at 10), so it is certainly alive when the second asks;
+    killed with its workers (as a scheduler does), it leaves the directory free for the same command to resume."""
     out = tmp_path / "run"
     first = subprocess.Popen([sys.executable, "-m", "distrib", "pretrain", TINY,
                               *_long(out, data_cache, "parallel.zero_stage=2"), "--nproc-per-node", "2"],
-                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1", "DISTRIB_FAULT": "step:hang:*:20"},
+                             start_new_session=True)
     try:
         deadline = time.monotonic() + 300
-        while not (out / "metrics.jsonl").is_file() and time.monotonic() < deadline:
+        while not (out / "checkpoints" / "latest").is_file():
+            assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()[-3000:]
             time.sleep(0.5)
         config_before = (out / "config.yaml").read_bytes()
         second = run_distrib(*_long(out, data_cache, "parallel.zero_stage=2", "train.lr=1e-3"), nproc=2, check=False)
@@ -280,12 +286,14 @@ def test_a_second_run_on_the_same_output_dir_is_refused_while_the_first_runs(tmp
         assert line.startswith(f"distrib: error: output_dir={str(out)!r} is in use by another run (pid ")
         assert line.endswith("wait for it to finish, stop it, or choose another output_dir")
         assert (out / "config.yaml").read_bytes() == config_before
+        assert first.poll() is None  # the refusal was about a live run
     finally:
-        _, err = first.communicate(timeout=600)
-    assert first.returncode == 0, err[-3000:]
-    # the lock dies with its holder: the directory is free again
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    # the lock dies with its holder: the directory is free again, and the same command resumes and finishes
     again = run_distrib(*_long(out, data_cache, "parallel.zero_stage=2"), nproc=2)
-    assert "already finished at step 80" in again.stderr
+    assert "resumed from" in again.stderr
+    assert max(losses(out)) == LONG
 
 
 def test_finished_run_says_so_and_a_raised_max_steps_extends_it(tmp_path, data_cache):
