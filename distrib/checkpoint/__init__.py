@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING
 import torch
 import yaml
 
-from distrib import faults
+from distrib import faults, fs
 from distrib.config import Config, ConfigError, config_diff
 from distrib.parallel import deepspeed_compat
 from distrib.parallel.failures import settle
@@ -219,7 +219,7 @@ class Checkpointer:
     @staticmethod
     def clean_partial_in(root: Path) -> None:
         """Remove what a save killed half-way left behind (run at start, on rank 0, under the run lock)."""
-        for stale in root.glob("*.tmp"):
+        for stale in [*root.glob("*.tmp"), *root.glob("latest.tmp-*")]:
             log_main(f"removing {stale.name}, a checkpoint whose save did not complete")
             shutil.rmtree(stale, ignore_errors=True)
 
@@ -257,8 +257,8 @@ class Checkpointer:
         self.topo.barrier()  # every rank's files are written and synced
         if self.topo.is_main and error is None:
             try:
-                _fsync_files(main_files(tmp, self.topo.dp, self.topo.tp))
-                _fsync_dirs(tmp)
+                fs.fsync_files(main_files(tmp, self.topo.dp, self.topo.tp))
+                fs.fsync_tree(tmp)
             except Exception as e:  # noqa: BLE001
                 error = e
         self._stop_if_failed(error, tmp, name)
@@ -283,7 +283,7 @@ class Checkpointer:
         # Each rank makes the files it wrote durable: on a shared file system an fsync on rank 0's
         # node does not flush what other nodes wrote and still hold in their caches.
         dp_rank, tp_rank = divmod(self.topo.rank, self.topo.tp)
-        _fsync_files(rank_files(tmp, self.topo.rank, dp_rank, tp_rank))
+        fs.fsync_files(rank_files(tmp, self.topo.rank, dp_rank, tp_rank))
 
     def _stop_if_failed(self, error: BaseException | None, written: Path, name: str) -> None:
         """Every rank learns whether any rank's part of the save failed; if one did, the checkpoint being
@@ -309,9 +309,8 @@ class Checkpointer:
         elif final.exists():  # a re-save of the same step (e.g. exit right after a periodic save)
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(self.root)
-        _atomic_write(self.root / "latest", name)
-        _fsync_dir(self.root)
+        fs.fsync_dir(self.root)
+        fs.atomic_write_text(self.root / "latest", name)  # synced, renamed into place, its directory synced
         self._prune(run_id)
 
     def _prune(self, run_id: str) -> None:
@@ -415,7 +414,7 @@ def convert_to_universal(path: Path, topo: Topology | None = None) -> Path:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"universal checkpoint conversion of {path} failed:\n{proc.stderr[-4000:]}")
-        _publish_universal(tmp, out)
+        fs.replace(tmp, out)
 
     _converting(path, topo, convert)
     return out
@@ -438,11 +437,6 @@ def _converting(path: Path, topo: Topology | None, work) -> None:
            f"the partial conversion was removed and {path.name} is intact",
            undo=lambda: shutil.rmtree(tmp, ignore_errors=True))
 
-
-def _publish_universal(tmp: Path, out: Path) -> None:
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    (out / ".complete").touch()
 
 
 def _spreadable(path: Path) -> bool:
@@ -521,20 +515,8 @@ def _finish_spread(path: Path, ds, tmp: Path) -> None:
     shutil.rmtree(tmp / "tmp", ignore_errors=True)
     for model_file in ds.mp_rank_files:
         shutil.copy2(model_file, tmp)
-    _publish_universal(tmp, path / "universal")
+    fs.replace(tmp, path / "universal")
 
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a full disk: the old file stays as it was, and nothing else
-        raise
 
 
 def _latest_name(root: Path) -> str | None:
@@ -568,23 +550,3 @@ def main_files(ckpt: Path, dp: int, tp: int) -> list[Path]:
     claimed = {p for r in range(dp * tp) for p in rank_files(ckpt, r, r // tp, r % tp)}
     return sorted(p for p in ckpt.rglob("*") if p.is_file() and p not in claimed)
 
-
-def _fsync_files(paths) -> None:
-    for p in paths:
-        with open(p, "rb") as f:
-            os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make the entries of directory ``path`` durable (a file's fsync does not cover its name)."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dirs(root: Path) -> None:
-    for d in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
-        _fsync_dir(d)
-    _fsync_dir(root)

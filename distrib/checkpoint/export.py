@@ -34,6 +34,7 @@ import torch
 import yaml
 from transformers import AutoTokenizer
 
+from distrib import fs
 from distrib.checkpoint import check_weights_only, convert_to_universal, load_weights, read_state
 from distrib.config import Config, ConfigError
 from distrib.model import empty_model, hf_config, safetensors_keys
@@ -542,13 +543,8 @@ def _publish(out_dir: Path, write, tmp: Path | None = None) -> None:
 
     ``tmp``: a directory already written (by several processes), instead of a fresh ``out_dir.tmp``.
     """
-    if tmp is None:
-        tmp = _tmp(out_dir)
-        shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    with fs.publishing(out_dir, tmp) as target:
+        write(target)
 
 
 # ----------------------------------------------------------------------------- a fine-tune, streamed

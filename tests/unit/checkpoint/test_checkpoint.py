@@ -193,9 +193,9 @@ def test_a_full_disk_in_a_save_on_one_rank_stops_every_rank_in_step_with_one_lin
     elif where == "rng-rank1":  # our own file, after DeepSpeed's save
         monkeypatch.setenv("DISTRIB_FAULT", "save:enospc:1:20")
     else:  # rank 0 alone, publishing: the checkpoint is renamed into place, then writing `latest` fails
-        def no_room(path, text):
+        def no_room(path, text, durable=True):
             raise full
-        monkeypatch.setattr("distrib.checkpoint._atomic_write", no_room)
+        monkeypatch.setattr("distrib.fs.atomic_write_text", no_room)
     raised = _save_on_ranks(tmp_path, monkeypatch, 20, fail)
     assert all(isinstance(e, TrainingError) for e in raised.values()), raised
     messages = {str(e) for e in raised.values()}
