@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs/pretrain/tiny.yaml")
@@ -145,3 +148,20 @@ def assert_universal_as_deepspeed_writes(ckpt: Path, scratch: Path) -> None:
             same(torch.load(theirs / f, weights_only=False), torch.load(ours / f, weights_only=False), f)
         else:
             assert (theirs / f).read_bytes() == (ours / f).read_bytes(), f
+
+
+@contextlib.contextmanager
+def tmpfs(mount: Path, size: str):
+    """A real small file system: a tmpfs of ``size`` (``"1m"``, ``"64m"``) mounted at ``mount`` for the block,
+    then unmounted. Mounting needs root (CI runs as root); elsewhere the test skips, saying why."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mount.mkdir(parents=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)

@@ -4,7 +4,6 @@ fp32 on 2 processes, so that "the same" means bitwise. Every resume is compared 
 after it and on the exported weights' bytes: an error of one ulp shows only after many steps.
 """
 
-import contextlib
 import json
 import os
 import signal
@@ -16,7 +15,7 @@ import pytest
 
 from distrib.checkpoint import is_complete
 from distrib.fs import file_system
-from tests.helpers import ROOT, TINY, losses, metrics, run_distrib, small
+from tests.helpers import ROOT, TINY, losses, metrics, run_distrib, small, tmpfs
 
 pytestmark = pytest.mark.slow
 
@@ -97,26 +96,10 @@ def test_kill_during_a_save_keeps_the_previous_checkpoint_and_the_next_start_cle
     _assert_same_run(out, whole)
 
 
-@contextlib.contextmanager
-def _tmpfs(mount, size: str):
-    """A tmpfs of ``size`` mounted at ``mount`` (we run as root); the test skips where that cannot be done."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mount.mkdir(parents=True)
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True,
-                          text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
 def test_a_real_full_disk_ends_the_run_in_one_line_and_the_last_checkpoint_exports(tmp_path):
     """The tiny config on a 64 MiB tmpfs, a 25 MB checkpoint every 5 steps: the third save fills the disk,
     inside DeepSpeed's torch.save (a RuntimeError without errno) on whichever rank runs out first."""
-    with _tmpfs(tmp_path / "disk", "64m") as disk:
+    with tmpfs(tmp_path / "disk", "64m") as disk:
         out = disk / "run"
         proc = run_distrib(f"output_dir={out}", f"data.cache_dir={tmp_path / 'cache'}", "data.max_documents=300",
                            "checkpoint.every_steps=5", "checkpoint.keep_last=100", "train.max_steps=60",
@@ -133,7 +116,7 @@ def test_a_real_full_disk_ends_the_run_in_one_line_and_the_last_checkpoint_expor
         assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_00000005", "step_00000010"]
 
         # an export onto a full disk: one line too, nothing half-written left
-        with _tmpfs(tmp_path / "small", "1m") as small:
+        with tmpfs(tmp_path / "small", "1m") as small:
             export = subprocess.run([sys.executable, "-m", "distrib", "export", str(out / "checkpoints" / "latest"),
                                      str(small / "hf")], capture_output=True, text=True, cwd=ROOT, timeout=300)
             assert export.returncode == 1 and "Traceback" not in export.stderr, export.stderr[-4000:]

@@ -21,7 +21,7 @@ from distrib.config import load_config
 from distrib.errors import TrainingError
 from distrib.fs import file_system, full_disk
 from distrib.parallel.failures import settle
-from tests.helpers import ROOT, TINY
+from tests.helpers import ROOT, TINY, tmpfs
 
 MIB = 1 << 20
 
@@ -29,18 +29,8 @@ MIB = 1 << 20
 @pytest.fixture
 def tiny_fs(tmp_path):
     """A 1 MiB tmpfs mounted at ``tmp_path / "fs"``, unmounted afterwards."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mount = tmp_path / "fs"
-    mount.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True,
-                          text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
-    try:
+    with tmpfs(tmp_path / "fs", "1m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def _fill(mount: Path) -> None:
