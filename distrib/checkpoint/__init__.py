@@ -414,7 +414,7 @@ def convert_to_universal(path: Path, topo: Topology | None = None) -> Path:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"universal checkpoint conversion of {path} failed:\n{proc.stderr[-4000:]}")
-        fs.replace(tmp, out)
+        _publish_universal(tmp, out)
 
     _converting(path, topo, convert)
     return out
@@ -515,7 +515,13 @@ def _finish_spread(path: Path, ds, tmp: Path) -> None:
     shutil.rmtree(tmp / "tmp", ignore_errors=True)
     for model_file in ds.mp_rank_files:
         shutil.copy2(model_file, tmp)
-    fs.replace(tmp, path / "universal")
+    _publish_universal(tmp, path / "universal")
+
+
+def _publish_universal(tmp: Path, out: Path) -> None:
+    """Put the finished conversion ``tmp`` in place as ``out``, marked complete so it is made only once."""
+    (tmp / ".complete").touch()
+    fs.replace(tmp, out)
 
 
 

@@ -97,14 +97,14 @@ from distrib.parallel.topology import Topology
 from distrib.launch.env import detect
 
 def slow():
-    time.sleep(8)  # longer than the process group's timeout: a large model's hash
+    time.sleep(20)  # longer than the process group's timeout: a large model's hash
     return {{"sha256": "abc"}}
 
 def fail():
     raise ConfigError("the base is gone")
 
 detect().export()
-topo = Topology.init(timeout_minutes=0.05)
+topo = Topology.init(timeout_minutes=0.25)  # 15 s: a loaded machine may start one rank seconds late
 print(f"rank {{topo.rank}}: got {{topo.from_main(slow)}}")
 try:
     topo.from_main(fail)
