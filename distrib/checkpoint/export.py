@@ -569,7 +569,7 @@ def _stream_on_base(cfg: Config, trained: Loaders, ckpt: Path, dtype: torch.dtyp
         ``write_adapter``), or None when the base's weights are not all in safetensors files (the export
         then loads it whole).
     """
-    from distrib.model.adapters import _plain_name, apply_freeze, apply_lora, save_adapter
+    from distrib.model.adapters import apply_freeze, apply_lora, plain_name, save_adapter
 
     base_dir = Path(cfg.model.pretrained)
     hf_cfg = hf_config(cfg.model)
@@ -600,7 +600,7 @@ def _stream_on_base(cfg: Config, trained: Loaders, ckpt: Path, dtype: torch.dtyp
     plain = {}  # plain name of the merged model -> parameter object of pm that gives it
     for name, p in pm.named_parameters(remove_duplicate=False):
         if ".lora_" not in name and ".original_module." not in name:
-            plain[_plain_name(name)] = p
+            plain[plain_name(name)] = p
     buffers = dict(skeleton.named_buffers())
     saved = list(_saved_names(skeleton))
     if any(n not in plain and n not in buffers for n in saved):
@@ -609,12 +609,12 @@ def _stream_on_base(cfg: Config, trained: Loaders, ckpt: Path, dtype: torch.dtyp
     from_base = {}
     for n in saved:
         if n in plain and canonical[id(plain[n])] not in trained:
-            from_base[id(plain[n])] = sorted({_plain_name(a) for a in aliases[id(plain[n])]})
+            from_base[id(plain[n])] = sorted({plain_name(a) for a in aliases[id(plain[n])]})
     lc = cfg.finetune.lora
     held = [n for n in named if ".lora_" in n or ".modules_to_save." in n or (lc.enabled and lc.train_biases and "bias" in n)]
     for n in held:
         if n not in trained:
-            from_base[id(named[n])] = sorted({_plain_name(a) for a in aliases[id(named[n])]})
+            from_base[id(named[n])] = sorted({plain_name(a) for a in aliases[id(named[n])]})
     wanted = sorted({k for keys in from_base.values() for k in keys} | {n for n in saved if n in buffers})
     found = safetensors_keys(base_dir, wanted, skeleton.base_model_prefix, partial=True)
     if found is None:

@@ -8,7 +8,8 @@ under, a function that gathers a partitioned parameter) or reads what the model 
     build.py     hf_config, build_model, deferred_weights, init_weights, empty_model
     weights.py   WeightSource: each parameter's value (initial or pretrained), whole or one part of it
     flops.py     FLOPs per token, the largest matmul's shape
-    adapters.py  freezing, LoRA, optimizer groups, adapter export
+    trainable.py freezing, the trainable summary, optimizer groups (no peft)
+    adapters.py  LoRA through peft, adapter export
     student.py   distillation students: cut from the teacher, layer maps, hidden-state projections
 """
 

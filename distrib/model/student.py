@@ -41,7 +41,7 @@ from torch import nn
 
 from distrib.config import ConfigError, DistillConfig
 from distrib.config.distill import _check_pairs, _check_teacher_layers, _show_pair
-from distrib.model.adapters import find_blocks  # one rule for finding the transformer blocks
+from distrib.model.trainable import find_blocks  # one rule for finding the transformer blocks
 
 #: The attribute of the student that holds the projections while it trains; the export drops it.
 PROJECTIONS_ATTR = "distill_projections"

@@ -19,7 +19,7 @@ import deepspeed
 import torch
 
 from distrib.config import Config
-from distrib.model.adapters import param_groups
+from distrib.model.trainable import param_groups
 from distrib.parallel.topology import Topology
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

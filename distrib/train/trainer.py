@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from distrib import faults
 from distrib.errors import TrainingError  # noqa: F401 (re-exported)
-from distrib.model.adapters import format_summary, trainable_summary
+from distrib.model.trainable import format_summary, trainable_summary
 from distrib.checkpoint.base import check_base, model_refs
 from distrib.checkpoint import Checkpointer, TrainState, latest_checkpoint
 from distrib.config import Config
