@@ -15,21 +15,12 @@ from pathlib import Path
 
 from distrib.checkpoint import check_resumable, read_state
 from distrib.checkpoint.base import check_base, resolve_base, with_base
-from distrib.checkpoint.export import export_checkpoint
 from distrib.config import Config, ConfigError
 from distrib.data import prepare_data
-from distrib.errors import TrainingError
-from distrib.fs import full_disk
 from distrib.launch.env import LaunchEnv, detect, launcher_rank
-from distrib.launch.local import hand_to_launcher, run_local
+from distrib.launch.local import run_local
 from distrib.lock import RunLock, held_by_launcher
-from distrib.parallel.topology import Topology
 from distrib.stages import stage_class
-from distrib.train.trainer import Trainer
-from distrib.utils import StopRequest, setup_logging
-
-EXIT_FAILED = 1
-
 
 def train(args: argparse.Namespace, cfg: Config) -> int:
     """Run a training stage: checks, data, lock, then workers (started here or by a launcher)."""
@@ -52,7 +43,10 @@ def train(args: argparse.Namespace, cfg: Config) -> int:
     prepare_data(cfg.data, cfg.seed)  # bad data is one line here; workers after this hit the cache
     if local:
         return _start_workers(args, cfg)
-    return _work(cfg, stage, env, resume_from)
+    # Imported here: a process that only checks and starts workers (--nproc-per-node) never loads the loop
+    # (DeepSpeed, torch.compile, the models' code), seconds of start-up per launch.
+    from distrib.train.rank import run_rank
+    return run_rank(cfg, stage, env, resume_from)
 
 
 def prepare(args: argparse.Namespace, cfg: Config) -> int:
@@ -110,50 +104,6 @@ def _start_workers(args: argparse.Namespace, cfg: Config) -> int:
             lock.release()
 
 
-def _work(cfg: Config, stage, env: LaunchEnv, resume_from: Path | None) -> int:
-    """This process is one rank of the job: join the process group and run the loop."""
-    stop = StopRequest()
-    env.export()
-    setup_logging()
-    topo = Topology.init(tp=cfg.parallel.tp, timeout_minutes=cfg.parallel.timeout_minutes, run_dir=cfg.output_dir)
-    lock = None
-    try:
-        # Under srun or mpirun every process is a worker: rank 0 takes the lock, and all ranks learn
-        # whether it could before anything is written.
-        refused = None
-        if topo.is_main and not held_by_launcher(cfg.output_dir):
-            try:
-                lock = RunLock(cfg.output_dir).acquire()
-            except ConfigError as e:
-                refused = str(e)
-        if topo.any(refused is not None):
-            raise ConfigError(refused or "another run holds output_dir")
-        Trainer(cfg, topo, stage(), resume_from=resume_from, stop=stop).fit()
-    except TrainingError as e:
-        if topo.is_main or e.from_this_rank:
-            _say(str(e))
-        return EXIT_FAILED
-    except Exception as e:
-        # A full disk where the ranks do not learn of it together: this rank says so, once, instead of a traceback.
-        disk = full_disk(e, cfg.output_dir)
-        if disk is None:
-            raise
-        _say(f"writing to {cfg.output_dir} failed on rank {topo.rank}: {disk}; free space on it and run the same "
-             "command to resume")
-        return EXIT_FAILED
-    finally:
-        if lock is not None:
-            lock.release()
-        topo.shutdown()
-    return 0
-
-
-def _say(msg: str) -> None:
-    """A worker's one-line error: for the launcher to print when the job has ended, when it is ours, else now."""
-    if not hand_to_launcher(msg):
-        print(f"distrib: error: {msg}", file=sys.stderr)
-
-
 def _finished(cfg: Config, checkpoint: Path) -> bool:
     """A run already at ``train.max_steps``: say so (exporting first if its export is missing), do nothing else."""
     step = read_state(checkpoint).step
@@ -162,6 +112,8 @@ def _finished(cfg: Config, checkpoint: Path) -> bool:
     hf = Path(cfg.output_dir) / "hf"
     if cfg.export.at_end and not (hf / "config.json").is_file():
         check_base(cfg, checkpoint)  # the export merges onto the base: refuse a changed one
+        from distrib.checkpoint.export import export_checkpoint  # the model code, only when a run must export
+
         export_checkpoint(checkpoint, hf, adapter_dir=Path(cfg.output_dir) / "adapter")
     if launcher_rank() == 0:
         where = f"; its export is {hf}" if (hf / "config.json").is_file() else ""
